@@ -1,0 +1,31 @@
+# Every target creates .venv if missing and installs racedit with the pinned constraints,
+# so on a fresh clone `make demo` and `make test` are the whole set-up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python train.py --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check racedit tests bench eval train.py sample.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/moe_step.py
+
+clean:
+	rm -rf $(VENV) runs .cache

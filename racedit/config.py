@@ -1,0 +1,251 @@
+"""Typed configuration: dataclasses + OmegaConf.
+
+`load_config(path, overrides)` reads a YAML file, merges it onto the dataclass defaults, applies
+command-line overrides of the form `a.b=c`, and validates. An unknown key, a value of the wrong type or a
+value outside its allowed set raises `ConfigError` naming the key and what is accepted. The dataclasses
+below are the config reference: every field carries a comment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what would be accepted."""
+
+
+# Allowed values of the string-valued options, checked at load time.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.routing": ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race"),
+    "model.gating": ("identity", "sigmoid", "softmax"),
+    "model.race_scope": ("local", "global"),
+    "model.inference_routing": ("threshold", "topk"),
+    "model.connections": ("residual", "hyper", "frac"),
+    "model.memory": ("none", "pkm", "ultramem", "ultramemv2"),
+    "diffusion.objective": ("ddpm", "flow"),
+    "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
+    "data.kind": ("digits",),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "sample.sampler": ("ddpm", "ddim", "dpm_solver", "euler", "heun"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Fields left at None take the value of the preset named by `name`."""
+
+    name: str = "DiT-S/2"  # preset: DiT-{S,B,M,L,XL}/{2,4,8} or RaceDiT-{S,B,M,L,XL}/{2,4,8}-{k}in{E}
+    input_size: int = 32  # spatial size of the model input (latent side, or pixel side for digits)
+    in_channels: int = 4  # channels of the model input
+    num_classes: int = 1000  # class labels; the null (unconditional) class is num_classes
+    learn_sigma: bool = True  # predict the variance too (DDPM hybrid loss); doubles the output channels
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    depth: int | None = None  # number of DiT blocks (preset)
+    hidden_size: int | None = None  # width D (preset)
+    num_heads: int | None = None  # attention heads (preset)
+    patch_size: int | None = None  # patch side p (preset)
+    mlp_ratio: float = 4.0  # dense MLP hidden = mlp_ratio * D
+    qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long mixed-precision runs)
+    # --- Mixture of Experts (racedit.models.moe); moe_experts = 0 keeps the dense MLP
+    moe_experts: int | None = None  # E candidate experts per layer (preset "kinE"); 0 = dense
+    moe_k: int | None = None  # k active experts per token on average; expert hidden = mlp_ratio * D / k
+    routing: str = "expert_race"  # token_choice | expert_choice | bl_choice | be_choice | le_choice | expert_race
+    gating: str = "identity"  # identity | sigmoid | softmax, applied to the gating-head logits
+    race_scope: str = "local"  # local: top-K over this process's batch; global: over all ranks' scores
+    threshold_decay: float = 0.99  # EMA decay of the inference threshold (batch K-th largest score)
+    inference_routing: str = "threshold"  # eval mode: threshold (S >= tau, batch-independent) | topk (training rule)
+    router_target_head: bool = True  # router head predicting the diffusion target (per-layer regularization)
+    # --- Residual stream (racedit.models.connections)
+    connections: str = "residual"  # residual | hyper | frac
+    connections_n: int = 2  # hyper-connections: number of residual streams
+    connections_m: int = 2  # frac-connections: number of fractions of the stream
+    connections_dynamic: bool = False  # dynamic (input-dependent) connection weights
+    connections_tanh: bool = True  # tanh on the dynamic projections
+    # --- Memory layers (racedit.models.memory), parallel to the feed-forward
+    memory: str = "none"  # none | pkm | ultramem | ultramemv2
+    memory_blocks: list[int] = field(default_factory=list)  # block indices with a memory layer; empty = every block
+
+
+@dataclass
+class DiffusionConfig:
+    """Training objective and its noise schedule."""
+
+    objective: str = "ddpm"  # ddpm (epsilon prediction, linear betas) | flow (rectified flow, velocity)
+    num_timesteps: int = 1000  # DDPM T
+    beta_start: float = 1e-4  # DDPM linear schedule start
+    beta_end: float = 0.02  # DDPM linear schedule end
+    flow_t_sampling: str = "uniform"  # flow: uniform | logit_normal
+    flow_logit_mean: float = 0.0  # flow logit-normal location
+    flow_logit_std: float = 1.0  # flow logit-normal scale
+
+
+@dataclass
+class LossConfig:
+    """Coefficients of the auxiliary losses (0 = off). The Race-DiT paper does not publish its values."""
+
+    router_similarity: float = 0.0  # router similarity loss (Race-DiT section 5)
+    per_layer_reg: float = 0.0  # per-layer regularization: router target head regresses the diffusion target
+    balance: float = 0.0  # Switch-style load-balance loss
+    z_loss: float = 0.0  # ST-MoE router z-loss
+
+
+@dataclass
+class DataConfig:
+    """Where training images or latents come from."""
+
+    kind: str = "digits"  # digits (embedded scikit-learn digits, pixel space) | latents (extracted VAE latents)
+    image_size: int = 8  # digits: side after the optional resize (8 = native)
+    latents: str = ""  # latents: directory written by eval/extract_latents.py
+    sample_posterior: bool = True  # latents: draw from the stored posterior (False: use its mean)
+    vae: str = ""  # latents: VAE hub id or local dir for decoding; empty = the one named in the manifest
+    num_workers: int = 0  # DataLoader workers
+    holdout_fraction: float = 0.1  # digits: fraction held out for evaluation (fixed, seeded split)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    out_dir: str = "runs/default"  # run directory: checkpoints/, metrics.csv, tensorboard/, samples/
+    steps: int = 1000  # optimizer steps
+    global_batch: int = 64  # images per optimizer step, summed over processes and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay (only on weight matrices)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 0  # linear warm-up steps
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.9999  # EMA of weights, updated every optimizer step
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # global seed (data order, noise, init)
+    log_every: int = 50  # steps between metric rows (metrics.csv, TensorBoard)
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk besides `last`
+    sample_every: int = 0  # steps between sample grids (0 = only at the end)
+    max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
+    eval_samples_per_class: int = 0  # digits: samples per class for the end-of-run accuracy (0 = off)
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sampling (sample grids during training, and sample.py)."""
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpm_solver (ddpm objective); euler | heun (flow objective)
+    steps: int = 250  # sampling steps
+    cfg_scale: float = 4.0  # classifier-free guidance scale; 1 = no guidance
+    guidance_channels: int = 0  # channels guided: 0 = all; 3 reproduces DiT's 3-of-4 legacy behaviour
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _allowed_keys(node: Any) -> list[str]:
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _schema_at(path: str) -> Any:
+    node: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        names = {f.name: f for f in fields(node)}
+        if part not in names:
+            return None
+        node = names[part].default_factory() if names[part].default_factory is not MISSING else names[part].default
+        if not is_dataclass(node):
+            return node
+    return node
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(_schema_at(parent))
+        return ConfigError(f"{where}: unknown key '{key}'. Allowed keys under '{parent or '<root>'}': {allowed}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{where}: bad value for '{key}': {err.msg}")
+    return ConfigError(f"{where}: {err}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Check the values that have an allowed set or a range; raise ConfigError naming the key."""
+    for path, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, path) if isinstance(cfg, DictConfig) else _get(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"bad value for '{path}': {value!r}. Allowed: {list(allowed)}")
+    from racedit.models.presets import resolve_preset  # late import: models import this module
+
+    model = cfg.model
+    try:
+        resolve_preset(model.name)
+    except KeyError as e:
+        raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
+    positive = {"train.steps": cfg.train.steps, "train.global_batch": cfg.train.global_batch,
+                "train.grad_accum": cfg.train.grad_accum, "sample.steps": cfg.sample.steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"bad value for '{key}': {value}. Must be >= 1")
+    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
+        raise ConfigError(f"bad value for 'model.class_dropout_prob': {cfg.model.class_dropout_prob}. Must be in [0, 1)")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"bad value for 'train.ema_decay': {cfg.train.ema_decay}. Must be in [0, 1)")
+    if cfg.data.kind == "latents" and not cfg.data.latents:
+        raise ConfigError("'data.latents' must name the latent directory when data.kind=latents")
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML onto the defaults, apply `a.b=c` overrides, validate, and return a typed `Config`."""
+    schema = OmegaConf.structured(Config)
+    where = str(path) if path else "defaults"
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+            where = f"{where} + overrides"
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
+    validate(schema)
+    return OmegaConf.to_object(schema)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written beside every checkpoint)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    """Parse a config saved by `to_yaml`, validating it like a user file."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "saved config") from None
+    validate(merged)
+    return OmegaConf.to_object(merged)

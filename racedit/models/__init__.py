@@ -1,0 +1,84 @@
+"""Model construction and accounting: `create_model`, `count_params`, `count_macs`."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import torch.nn as nn
+
+from racedit.config import ConfigError, ModelConfig
+from racedit.models.dit import DiT
+from racedit.models.presets import resolve_preset
+
+__all__ = ["DiT", "create_model", "resolve_model_config", "count_params", "count_macs"]
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the fields left at None from the preset named by `cfg.name`, and check the k-in-E shape."""
+    try:
+        preset = resolve_preset(cfg.name)
+    except KeyError as e:
+        raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
+    filled = {key: value for key, value in preset.items() if getattr(cfg, key) is None}
+    cfg = replace(cfg, **filled)
+    if cfg.moe_experts and not 1 <= cfg.moe_k <= cfg.moe_experts:
+        raise ConfigError(f"bad MoE shape: need 1 <= model.moe_k <= model.moe_experts, got k={cfg.moe_k}, "
+                          f"E={cfg.moe_experts}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
+    if cfg.input_size % cfg.patch_size:
+        raise ConfigError(f"model.input_size={cfg.input_size} is not divisible by model.patch_size={cfg.patch_size}")
+    return cfg
+
+
+def create_model(name: str | ModelConfig = "DiT-XL/2", **overrides) -> DiT:
+    """Build a DiT from a preset name (or a ModelConfig) plus keyword overrides of `ModelConfig` fields.
+
+    >>> create_model("RaceDiT-B/2-2in8", routing="expert_race", gating="identity")
+    """
+    base = name if isinstance(name, ModelConfig) else ModelConfig(name=name)
+    allowed = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {unknown}; allowed: {sorted(allowed)}")
+    return DiT(resolve_model_config(replace(base, **overrides)))
+
+
+def _expert_fractions(model: nn.Module) -> dict[str, float]:
+    """Parameter name -> fraction of it one token uses on average (k/E for expert weights)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        fraction = getattr(module, "activated_fraction", None)
+        if fraction is not None:
+            for p_name, _ in module.named_parameters():
+                out[f"{mod_name}.{p_name}" if mod_name else p_name] = float(fraction)
+    return out
+
+
+def count_params(model: nn.Module, convention: str = "all") -> dict[str, int]:
+    """{"total", "activated"} parameter counts.
+
+    convention="all": every parameter, as DiT's table counts (the frozen position embedding included).
+    convention="paper": Race-DiT's tables: weight matrices inside the blocks only (no biases, embedders,
+    final layer, position embedding or per-layer-regularization target head).
+    "activated" is what one token uses on average: k/E of the expert weights, and never the target head,
+    which only serves a training loss.
+    """
+    if convention not in ("all", "paper"):
+        raise ValueError(f"convention must be 'all' or 'paper', got {convention!r}")
+    fractions = _expert_fractions(model)
+    total = activated = 0.0
+    for name, p in model.named_parameters():
+        if convention == "paper":
+            leaf = name.rsplit(".", 1)[-1]
+            if not name.startswith("blocks.") or p.ndim < 2 or "bias" in leaf or "target_head" in name:
+                continue
+        total += p.numel()
+        if "target_head" not in name:
+            activated += p.numel() * fractions.get(name, 1.0)
+    return {"total": int(total), "activated": int(round(activated))}
+
+
+def count_macs(model: DiT) -> int:
+    """Forward multiply-accumulates for one image (DiT's "Gflops" are MACs); MoE layers at mean k."""
+    return model.macs()

@@ -1,0 +1,273 @@
+"""The DiT backbone: embedders, one pluggable `DiTBlock`, `FinalLayer`, `DiT`.
+
+Letters used in shapes: B images, C input channels, H x W input side, p patch side, T = (H/p)(W/p) tokens
+per image, D width, P = p*p*C_out values predicted per token.
+
+The block follows DiT's adaLN-Zero design: six modulation vectors from the conditioning c (timestep +
+class embedding), LayerNorm without affine (eps 1e-6), and zero-initialised gates so every block is the
+identity at initialisation. The feed-forward part is a slot: the dense MLP, or a Mixture of Experts
+(`racedit.models.moe`). All zero-inits live in `DiT.initialize_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.models.vision_transformer import Attention, PatchEmbed
+from torch.utils.checkpoint import checkpoint
+
+from racedit.models.records import ForwardRecord
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of x (B, T, D) by per-image shift and scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Sin-cos embedding of positions (M,) into (M, dim): sines of all frequencies, then cosines."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid_size**2, dim), row-major tokens.
+
+    The first half of the channels encodes the column index, the second half the row index (the layout
+    of the official DiT checkpoints, so their stored `pos_embed` equals this one).
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (B,) -> (B, D): 256-dim sinusoidal frequency embedding, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(B,) float timesteps -> (B, dim): cosines of all frequencies, then sines."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (B,) -> (B, D), with label dropout for classifier-free guidance.
+
+    The null class is `num_classes` (an extra table row, present when dropout_prob > 0).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class FeedForward(nn.Module):
+    """The dense DiT MLP: Linear(D, h) -> GELU(tanh) -> Linear(h, D), on (B, T, D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, u: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(u)))
+
+    def macs(self, num_tokens: int) -> int:
+        """Forward multiply-accumulates for `num_tokens` tokens."""
+        return num_tokens * 2 * self.fc1.in_features * self.fc1.out_features
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block on (B, T, D) with a pluggable feed-forward `mlp`.
+
+    `mlp` is any module called as `mlp(u, record) -> (B, T, D)` where u is the modulated, normalised
+    input; its output is scaled by the block's zero-initialised gate.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, qk_norm: bool = False,
+                 layer_index: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = mlp
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.layer_index = layer_index
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        attn_out = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + attn_out
+        ff_out = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), record)
+        if record is not None:  # Fig. 5 diagnostic: size of what each branch adds to the residual
+            record.block_output_norms[self.layer_index] = torch.stack(
+                [attn_out.detach().float().norm(dim=-1).mean(), ff_out.detach().float().norm(dim=-1).mean()])
+        return x + ff_out
+
+    def macs(self, num_tokens: int) -> int:
+        """Forward MACs for one image of `num_tokens` tokens (DiT's "Gflops" convention)."""
+        d = self.norm1.normalized_shape[0]
+        attention = num_tokens * 4 * d * d + 2 * num_tokens * num_tokens * d  # qkv + proj, QK^T + AV
+        return attention + 6 * d * d + self.mlp.macs(num_tokens)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map of each token (B, T, D) to its patch (B, T, P)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_feedforward(cfg, layer_index: int) -> nn.Module:
+    """The block's feed-forward slot for a resolved ModelConfig: dense MLP or MoE."""
+    d = cfg.hidden_size
+    if not cfg.moe_experts:
+        return FeedForward(d, int(d * cfg.mlp_ratio))
+    from racedit.models.moe import MoEFeedForward  # MoE code is only imported by MoE models
+
+    return MoEFeedForward(
+        d, cfg.moe_experts, cfg.moe_k, mlp_ratio=cfg.mlp_ratio, routing=cfg.routing, gating=cfg.gating,
+        race_scope=cfg.race_scope, threshold_decay=cfg.threshold_decay,
+        inference_routing=cfg.inference_routing,
+        target_dim=cfg.patch_size ** 2 * cfg.in_channels if cfg.router_target_head else 0,
+        layer_index=layer_index,
+    )
+
+
+class DiT(nn.Module):
+    """Class-conditional Diffusion Transformer.
+
+    forward(x (B, C, H, W), t (B,), y (B,), record=None) -> (B, C_out, H, W), where C_out = 2C with
+    learned variance and C otherwise. `record`, a `ForwardRecord`, collects what MoE layers report.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg  # resolved ModelConfig (every preset field filled in)
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
+        self.learn_sigma = cfg.learn_sigma
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.patch_size
+        self.input_size = cfg.input_size
+        self.grad_checkpointing = False
+        d = cfg.hidden_size
+
+        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, d, bias=True)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos table, kept as a frozen parameter as in DiT (so it counts in DiT's parameter table).
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, d), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            DiTBlock(d, cfg.num_heads, build_feedforward(cfg, i), qk_norm=cfg.qk_norm, layer_index=i)
+            for i in range(cfg.depth)
+        ])
+        self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Every initialisation of the model, the adaLN-Zero zero-inits included, in one place."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid).float().unsqueeze(0))
+        # Patch embedding initialised like a linear layer over the flattened patch.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            if hasattr(block.mlp, "initialize_weights"):
+                block.mlp.initialize_weights()
+            # adaLN-Zero: zero modulation, so every gate is 0 and every block is the identity.
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C_out) -> (B, C_out, H, W)."""
+        side = int(x.shape[1] ** 0.5)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, w=side, p=self.patch_size,
+                         q=self.patch_size)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, p*p*C), the inverse of `unpatchify` (used for per-token targets)."""
+        return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch_size, q=self.patch_size)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+              label_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings (B, T, D) and conditioning c (B, D)."""
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, label_dropout)
+        return tokens, c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, record: ForwardRecord | None = None,
+                label_dropout: bool | None = None) -> torch.Tensor:
+        """`label_dropout`: None drops labels in training mode (DiT's behaviour); False never drops, for
+        callers that applied their own seeded dropout (the training loop, so runs are reproducible)."""
+        h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, record, use_reentrant=False)
+            else:
+                h = block(h, c, record)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def macs(self) -> int:
+        """Forward multiply-accumulates for one image (DiT's "Gflops" convention; MoE at mean k)."""
+        d, t = self.config.hidden_size, self.x_embedder.num_patches
+        p, c = self.patch_size, self.in_channels
+        embed = t * p * p * c * d + self.t_embedder.frequency_embedding_size * d + d * d
+        final = 2 * d * d + t * d * self.final_layer.linear.out_features
+        return embed + sum(block.macs(t) for block in self.blocks) + final

@@ -1,0 +1,48 @@
+"""Size presets: DiT-{S,B,M,L,XL}/{2,4,8} and their Race-DiT MoE versions RaceDiT-{size}/{p}-{k}in{E}.
+
+S/B/L/XL follow the DiT paper; M (16 layers, 960 wide, 16 heads) is the size the Race-DiT paper adds.
+"""
+
+from __future__ import annotations
+
+import re
+
+# size -> (depth, hidden_size, num_heads)
+SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "M": (16, 960, 16),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCHES = (2, 4, 8)
+_NAME = re.compile(r"^(DiT|RaceDiT)-(S|B|M|L|XL)/(\d+)(?:-(\d+)in(\d+))?$")
+
+
+def resolve_preset(name: str) -> dict[str, int]:
+    """Preset name -> {depth, hidden_size, num_heads, patch_size, moe_k, moe_experts}.
+
+    Raises KeyError naming the bad preset and the accepted forms.
+    """
+    m = _NAME.match(name)
+    accepted = ("DiT-{S,B,M,L,XL}/{2,4,8}, RaceDiT-{S,B,M,L,XL}/{2,4,8}-{k}in{E} "
+                "(e.g. DiT-XL/2, RaceDiT-B/2-2in8)")
+    if m is None:
+        raise KeyError(f"unknown model preset {name!r}; accepted: {accepted}")
+    family, size, patch, k, experts = m.groups()
+    if int(patch) not in PATCHES:
+        raise KeyError(f"unknown model preset {name!r}: patch size must be one of {PATCHES}")
+    if (family == "RaceDiT") != (k is not None):
+        raise KeyError(f"unknown model preset {name!r}: RaceDiT names need a -kinE suffix and DiT names none; "
+                       f"accepted: {accepted}")
+    depth, hidden, heads = SIZES[size]
+    k_, e_ = (int(k), int(experts)) if k is not None else (0, 0)
+    if k is not None and not 1 <= k_ <= e_:
+        raise KeyError(f"unknown model preset {name!r}: need 1 <= k <= E in '-kinE'")
+    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch),
+            "moe_k": k_, "moe_experts": e_}
+
+
+def preset_names() -> list[str]:
+    """All dense preset names (MoE names are open-ended: any k-in-E)."""
+    return [f"DiT-{s}/{p}" for s in SIZES for p in PATCHES]

@@ -1,0 +1,40 @@
+"""The side channel of one DiT forward pass.
+
+MoE layers (and later memory layers) write what the training losses and routing diagnostics need into a
+`ForwardRecord` that the caller passes to `DiT.forward(..., record=rec)`. Nothing travels through tuple
+returns. Each layer writes under its own block index, so a recomputation under activation checkpointing
+overwrites its own entry instead of appending a duplicate.
+
+Letters: B images, L tokens per image, N = B*L tokens, E experts, P = patch*patch*in_channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MoELayerRecord:
+    """What one MoE feed-forward layer reports for one forward pass."""
+
+    logits: torch.Tensor  # (N, E) gating-head logits, before the gating function (fp32)
+    scores: torch.Tensor  # (N, E) gate values S = G(logits); also the output weights
+    mask: torch.Tensor  # (N, E) bool, selected (token, expert) pairs; carries no gradient
+    target_pred: torch.Tensor | None = None  # (B, L, P) router target-head output (per-layer regularization)
+    kth_score: torch.Tensor | None = None  # () the batch's K-th largest score (training, batch-coupled routing)
+    group: object | None = None  # process group the selection spanned (race_scope=global), for global losses
+
+
+@dataclass
+class ForwardRecord:
+    """Filled during one `DiT.forward`; read by the losses and the diagnostics, then dropped."""
+
+    moe: dict[int, MoELayerRecord] = field(default_factory=dict)  # block index -> record
+    block_output_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> (2,) attn/ff branch norms
+    memory: dict[int, dict] = field(default_factory=dict)  # block index -> memory-layer statistics
+
+    def moe_layers(self) -> list[MoELayerRecord]:
+        """MoE records in block order."""
+        return [self.moe[i] for i in sorted(self.moe)]
