@@ -8,11 +8,11 @@ below are the config reference: every field carries a comment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -30,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.memory": ("none", "pkm", "ultramem", "ultramemv2"),
     "diffusion.objective": ("ddpm", "flow"),
     "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
-    "data.kind": ("digits",),
+    "data.kind": ("digits", "latents"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": ("ddpm", "ddim", "dpm_solver", "euler", "heun"),
 }
@@ -103,6 +103,7 @@ class DataConfig:
     image_size: int = 8  # digits: side after the optional resize (8 = native)
     latents: str = ""  # latents: directory written by eval/extract_latents.py
     sample_posterior: bool = True  # latents: draw from the stored posterior (False: use its mean)
+    flip: bool = True  # latents: random horizontal flip (one of the two stored flips, drawn per sample)
     vae: str = ""  # latents: VAE hub id or local dir for decoding; empty = the one named in the manifest
     num_workers: int = 0  # DataLoader workers
     holdout_fraction: float = 0.1  # digits: fraction held out for evaluation (fixed, seeded split)
@@ -127,6 +128,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # global seed (data order, noise, init)
     log_every: int = 50  # steps between metric rows (metrics.csv, TensorBoard)
+    # steps between routing diagnostics (racedit.evaluation.routing: MaxVio, combination usage, experts per
+    # token per timestep bin, zero-expert tokens, block output norms), logged in that step's metrics row;
+    # 0 = with every metrics row (train.log_every), -1 = off
+    diagnostics_every: int = 0
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept on disk besides `last`
     sample_every: int = 0  # steps between sample grids (0 = only at the end)
@@ -166,21 +171,53 @@ def _schema_at(path: str) -> Any:
         names = {f.name: f for f in fields(node)}
         if part not in names:
             return None
-        node = names[part].default_factory() if names[part].default_factory is not MISSING else names[part].default
+        f = names[part]
+        node = f.default_factory() if f.default_factory is not MISSING else f.default  # dataclasses.MISSING
         if not is_dataclass(node):
-            return node
+            return node if part == path.split(".")[-1] else None
     return node
 
 
-def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or ""
+def _field_type(path: str) -> str | None:
+    """The declared type of the config field at dotted `path` (e.g. 'int', 'list[float]'), or None."""
+    parent, _, name = path.rpartition(".")
+    node = _schema_at(parent)
+    if not is_dataclass(node):
+        return None
+    for f in fields(node):
+        if f.name == name:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return None
+
+
+def _explain(err: OmegaConfBaseException, where: str, key: str = "") -> ConfigError:
+    """One sentence naming the key, the value and what is accepted (none of OmegaConf's multi-line detail)."""
+    key = getattr(err, "full_key", None) or key
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _allowed_keys(_schema_at(parent))
         return ConfigError(f"{where}: unknown key '{key}'. Allowed keys under '{parent or '<root>'}': {allowed}")
-    if isinstance(err, ValidationError):
-        return ConfigError(f"{where}: bad value for '{key}': {err.msg}")
-    return ConfigError(f"{where}: {err}")
+    if isinstance(err, ValidationError) and key:
+        expected = _field_type(key)
+        if expected is None and is_dataclass(_schema_at(key)):
+            expected = f"a section (a mapping of keys {_allowed_keys(_schema_at(key))})"
+        value = getattr(err, "value", None)
+        return ConfigError(f"{where}: bad value for '{key}': {value!r} is not of type {expected or 'the declared type'}")
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ConfigError(f"{where}: {first_line}")
+
+
+def _check_sections(tree: Any, node: Any, prefix: str, where: str) -> None:
+    """Raise ConfigError if a config section (e.g. `train:`) is given a scalar or a list instead of keys."""
+    if not is_dataclass(node):
+        return
+    if not isinstance(tree, dict):
+        what = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"{where}: {what} must be a mapping of keys {_allowed_keys(node)}, got {tree!r}")
+    for name, value in tree.items():
+        child = _schema_at(f"{prefix}.{name}" if prefix else str(name))
+        if is_dataclass(child):
+            _check_sections(value, child, f"{prefix}.{name}" if prefix else str(name), where)
 
 
 def validate(cfg: DictConfig | Config) -> None:
@@ -218,20 +255,30 @@ def _get(obj: Any, path: str) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML onto the defaults, apply `a.b=c` overrides, validate, and return a typed `Config`."""
     schema = OmegaConf.structured(Config)
-    where = str(path) if path else "defaults"
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            schema = OmegaConf.merge(schema, OmegaConf.load(path))
-        if overrides:
-            for item in overrides:
-                if "=" not in item:
-                    raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
-            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
-            where = f"{where} + overrides"
-    except OmegaConfBaseException as e:
-        raise _explain(e, where) from None
+    if path is not None:
+        where = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        _check_sections(OmegaConf.to_container(loaded), Config, "", where)
+        try:
+            schema = OmegaConf.merge(schema, loaded)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+        key = item.split("=", 1)[0].strip()
+        where = f"override {item!r}"
+        try:
+            dot = OmegaConf.from_dotlist([item])
+            _check_sections(OmegaConf.to_container(dot), Config, "", where)
+            schema = OmegaConf.merge(schema, dot)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where, key) from None
     validate(schema)
     return OmegaConf.to_object(schema)
 

@@ -1,0 +1,286 @@
+"""The training loop (accelerate): `train(cfg, resume=...)`.
+
+Determinism: the data order, the timesteps, the noise and the label-dropout mask of optimizer step s are
+drawn for the whole global batch from a generator seeded by (seed, s), and each process takes its rows.
+So a run does not depend on the number of processes, and resuming at step s needs nothing but s and the
+saved model/optimizer/EMA state: on CPU a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from racedit.config import Config, ConfigError, to_yaml
+from racedit.data.factory import build_codec, build_training_data
+from racedit.diffusion.objectives import create_objective
+from racedit.evaluation.routing import diagnostics_due, routing_diagnostics, timestep_fraction
+from racedit.models import count_params, create_model
+from racedit.models.records import ForwardRecord
+from racedit.training.batches import ResumableBatchOrder
+from racedit.training.checkpoint import (
+    latest_checkpoint,
+    load_config_of,
+    load_into,
+    load_train_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from racedit.training.metrics import MetricsLogger
+from racedit.training.objective_step import StepRandomness, training_losses
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    last_loss: float
+    checkpoint: Path | None
+    skipped_steps: int
+    seconds: float
+    metrics: dict
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight matrices decay; biases, norms, embeddings and `no_weight_decay` names do not.
+
+    A module may define `no_weight_decay() -> set[str]` of its own parameter names (static connection
+    weights, for instance) and `optimizer_groups(named_params) -> list[dict]` for parameters that need their
+    own learning rate (memory value tables); those parameters are taken out of the default groups.
+    """
+    special: list[dict] = []
+    taken: set[int] = set()
+    no_decay_names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if hasattr(module, "no_weight_decay"):
+            no_decay_names |= {prefix + n for n in module.no_weight_decay()}
+        if hasattr(module, "optimizer_groups"):
+            for group in module.optimizer_groups():
+                special.append(group)
+                taken |= {id(p) for p in group["params"]}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in taken:
+            continue
+        if p.ndim < 2 or "embedding_table" in name or name in no_decay_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups + special if g["params"]]
+
+
+def _check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> None:
+    """A resumed run must train the same model on the same data with the same objective."""
+    for section in ("model", "diffusion", "data"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        diff = [f"{section}.{k}: checkpoint {getattr(a, k)!r} vs now {getattr(b, k)!r}"
+                for k in vars(a) if getattr(a, k) != getattr(b, k)]
+        if diff:
+            raise ConfigError(f"cannot resume from {ckpt}: the config differs:\n  " + "\n  ".join(diff))
+    if saved.train.global_batch != cfg.train.global_batch or saved.train.seed != cfg.train.seed:
+        raise ConfigError(f"cannot resume from {ckpt}: train.global_batch and train.seed must match the checkpoint "
+                          f"({saved.train.global_batch}, {saved.train.seed})")
+
+
+def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train per `cfg`. `resume`: True = latest checkpoint in the run directory if any, or a checkpoint path.
+
+    `stop_after` ends the loop after that many optimizer steps of this call (tests use it to simulate
+    an interruption) without the end-of-run checkpoint, samples and evaluation.
+    """
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                              step_scheduler_with_optimizer=False)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    out_dir = Path(tc.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+
+    ckpt = None
+    if resume:
+        ckpt = resolve_checkpoint(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckpt_root)
+    elif latest_checkpoint(ckpt_root) is not None:
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
+                          f"or choose another train.out_dir")
+
+    torch.manual_seed(tc.seed)
+    data = build_training_data(cfg)
+    model = create_model(cfg.model)
+    if (data.channels, data.size) != (model.in_channels, model.input_size):
+        raise ConfigError(f"the data gives {data.channels}x{data.size}x{data.size} inputs but the model expects "
+                          f"model.in_channels={model.in_channels}, model.input_size={model.input_size}")
+    if data.num_classes != model.num_classes:
+        raise ConfigError(f"the data has {data.num_classes} classes but model.num_classes={model.num_classes}")
+    objective = create_objective(cfg.diffusion, model.learn_sigma)
+    model.grad_checkpointing = tc.grad_checkpointing
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    warmup = max(tc.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    start_step, skipped_total = 0, 0
+    if ckpt is not None:
+        _check_resume_config(load_config_of(ckpt), cfg, ckpt)
+        load_into(model, load_weights(ckpt, "model"), f"checkpoint {ckpt} (model)")
+        load_into(ema.module, load_weights(ckpt, "ema"), f"checkpoint {ckpt} (ema)")
+        state = load_train_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+        torch.set_rng_state(state["torch_rng"])
+        start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
+    else:
+        ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
+
+    ema.to(device)
+    order = ResumableBatchOrder(data.num_examples, tc.global_batch, tc.seed, accelerator.num_processes,
+                                accelerator.process_index, tc.grad_accum)
+    loader = data.loader(order, start_step, device)
+    train_model = torch.compile(model) if tc.compile else model
+    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+    randomness = StepRandomness(objective, tc.seed, tc.global_batch, accelerator.num_processes,
+                                accelerator.process_index, tc.grad_accum, model.config.class_dropout_prob,
+                                model.num_classes)
+
+    logger = MetricsLogger(out_dir, resume_step=start_step if ckpt else None) if is_main else None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        n = count_params(model)
+        accelerator.print(f"racedit: {cfg.model.name} | params {n['total'] / 1e6:.2f}M total, "
+                          f"{n['activated'] / 1e6:.2f}M activated | {accelerator.num_processes} process(es) on "
+                          f"{device} | {'resuming at step ' + str(start_step) if ckpt else 'fresh run'} -> {out_dir}")
+
+    def save(step: int) -> Path | None:
+        if not is_main:
+            return None
+        return save_checkpoint(ckpt_root, step, model_state=accelerator.unwrap_model(model).state_dict(),
+                               ema_state=ema.module.state_dict(), config=cfg, keep_last=tc.keep_last,
+                               train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                            "step": step, "skipped_steps": skipped_total,
+                                            "ema_n_averaged": int(ema.n_averaged),
+                                            "torch_rng": torch.get_rng_state(),
+                                            "data_position": order.position(step)})
+
+    last_good = ckpt
+    window: dict[str, list[float]] = {}
+    consecutive_bad, last_loss = 0, float("nan")
+    t0 = time.perf_counter()
+    t_log, steps_since_log = t0, 0
+    end_step = tc.steps if stop_after is None else min(tc.steps, start_step + stop_after)
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    model.train()
+    step = start_step
+    while step < end_step:
+        terms_acc: dict[str, float] = {}
+        for accum_index in range(tc.grad_accum):
+            x0, y = next(loader)
+            draws = randomness.for_micro_batch(step, accum_index, x0.shape[1:], device)
+            with accelerator.accumulate(train_model):
+                record = ForwardRecord()
+                terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
+                accelerator.backward(terms["loss"])
+                for k, v in terms.items():
+                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+                if accelerator.sync_gradients:
+                    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(train_model.parameters(), max_norm)
+                    loss_ok = torch.tensor(float(math.isfinite(terms_acc["loss"])), device=device)
+                    loss_ok = accelerator.reduce(loss_ok, reduction="mean") == 1.0
+                    grad_ok = tc.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+                    finite = bool(loss_ok) and grad_ok
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
+        diag = (routing_diagnostics(record, timestep_fraction(objective, draws.t))
+                if is_main and diagnostics_due(step + 1, tc.diagnostics_every, tc.log_every, end_step) else {})
+        if accelerator.num_processes > 1:  # log the whole global batch's losses, not only this process's rows
+            keys = sorted(terms_acc)
+            local = torch.tensor([terms_acc[k] for k in keys], dtype=torch.float64, device=device)
+            terms_acc = dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
+        if finite:
+            scheduler.step()
+            ema.update_parameters(accelerator.unwrap_model(model))
+            consecutive_bad = 0
+            last_loss = terms_acc["loss"]
+        else:
+            consecutive_bad += 1
+            skipped_total += 1
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped "
+                              f"({consecutive_bad} in a row)")
+            if consecutive_bad >= tc.max_nonfinite:
+                raise TrainingDiverged(
+                    f"{consecutive_bad} consecutive non-finite steps, the last at step {step + 1}; "
+                    f"stopping without saving. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}")
+        step += 1
+        steps_since_log += 1
+        for k, v in terms_acc.items():
+            window.setdefault(k, []).append(v)
+        window.setdefault("grad_norm", []).append(float(grad_norm))
+        bar.update(1)
+        if step % tc.log_every == 0 or step == end_step or diag:
+            now = time.perf_counter()
+            row = {k: sum(v) / len(v) for k, v in window.items() if v and all(map(math.isfinite, v))}
+            row.update(lr=scheduler.get_last_lr()[0], steps_per_s=steps_since_log / max(now - t_log, 1e-9),
+                       skipped_steps=skipped_total)
+            row.update(diag)
+            if logger is not None:
+                logger.log(step, row)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", it_s=f"{row['steps_per_s']:.2f}")
+            window, t_log, steps_since_log = {}, now, 0
+        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps and consecutive_bad == 0:
+            last_good = save(step) or last_good
+            accelerator.wait_for_everyone()
+        if is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            _sample_grid(cfg, ema.module, objective, out_dir / "samples" / f"step_{step:07d}.png", device)
+    bar.close()
+
+    summary: dict = {}
+    if step >= tc.steps:
+        # resuming a finished run trains nothing: keep its checkpoint rather than delete and rewrite it
+        if ckpt is None or step > start_step or ckpt.parent != ckpt_root.resolve():
+            last_good = save(step) or last_good
+        accelerator.wait_for_everyone()
+        if is_main:
+            grid = out_dir / "samples" / f"step_{step:07d}.png"
+            _sample_grid(cfg, ema.module, objective, grid, device)
+            summary["grid"] = str(grid)
+            if tc.eval_samples_per_class and cfg.data.kind == "digits":
+                from racedit.evaluation.demo import evaluate_digits_model
+
+                summary.update(evaluate_digits_model(cfg, ema.module, objective, device))
+                logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
+    seconds = time.perf_counter() - t0
+    if logger is not None:
+        logger.close()
+    return TrainResult(out_dir=out_dir, step=step, last_loss=last_loss, checkpoint=last_good,
+                       skipped_steps=skipped_total, seconds=seconds, metrics=summary)
+
+
+@torch.no_grad()
+def _sample_grid(cfg: Config, model: torch.nn.Module, objective, path: Path, device) -> None:
+    """A PNG grid with one row per class (at most 10 classes, 8 samples each), sampled with `cfg.sample`."""
+    from racedit.sampling import sample_images, save_grid
+
+    per_row = 8
+    classes = torch.arange(min(model.num_classes, 10), device=device).repeat_interleave(per_row)
+    images = sample_images(model, objective, build_codec(cfg), classes, cfg.sample, seed=cfg.train.seed,
+                           batch_size=len(classes))
+    save_grid(images, path, nrow=per_row)

@@ -1,0 +1,114 @@
+"""Typed config: YAML + `a.b=c` overrides; every bad key or value fails at load time in one clear sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from racedit.config import Config, ConfigError, from_yaml_text, load_config, to_yaml
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def error_of(*overrides: str, path: str | Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, f"multi-line error: {message!r}"
+    assert "full_key" not in message and "reference_type" not in message and "object_type" not in message
+    return message
+
+
+def test_demo_yaml_loads_with_its_values():
+    cfg = load_config(DEMO)
+    assert isinstance(cfg, Config)
+    assert (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes) == (8, 1, 10)
+    assert cfg.data.kind == "digits"
+    assert cfg.train.lr == 1.0e-3
+
+
+def test_overrides_apply_with_their_types():
+    cfg = load_config(DEMO, ["train.steps=7", "train.lr=3e-4", "model.learn_sigma=true", "train.betas=[0.9,0.95]",
+                             "sample.sampler=euler", "diffusion.objective=flow", "model.depth=3"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.learn_sigma is True
+    assert cfg.train.betas == [0.9, 0.95]
+    assert (cfg.sample.sampler, cfg.diffusion.objective, cfg.model.depth) == ("euler", "flow", 3)
+    assert load_config(None, ["train.steps=5"]).train.steps == 5  # overrides of the defaults alone
+
+
+def test_unknown_key_names_it_and_the_allowed_keys():
+    msg = error_of("train.stepz=5", path=DEMO)
+    assert "'train.stepz'" in msg and "steps" in msg and "override 'train.stepz=5'" in msg
+    msg = error_of("nope=1")
+    assert "'nope'" in msg and "model" in msg
+
+
+def test_unknown_key_in_the_yaml_file_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  name: DiT-S/2\n  widht: 3\n")
+    msg = error_of(path=f)
+    assert str(f) in msg and "'model.widht'" in msg and "hidden_size" in msg
+    assert "defaults" not in msg
+
+
+@pytest.mark.parametrize("item,key,value,expected", [
+    ("train.steps=abc", "train.steps", "'abc'", "int"),
+    ("train.lr=fast", "train.lr", "'fast'", "float"),
+    ("train.betas=3", "train.betas", "3", "list[float]"),
+    ("model.depth=deep", "model.depth", "'deep'", "int"),
+    ("train.steps=null", "train.steps", "None", "int"),
+])
+def test_wrong_type_names_key_value_and_type(item, key, value, expected):
+    msg = error_of(item, path=DEMO)
+    assert f"'{key}'" in msg and value in msg and expected in msg
+    assert f"override '{item}'" in msg  # says the override was the culprit, not "defaults" or the file
+
+
+def test_wrong_type_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: many\n")
+    msg = error_of(path=f)
+    assert str(f) in msg and "'train.steps'" in msg and "'many'" in msg and "int" in msg
+
+
+def test_section_given_a_scalar_names_the_section():
+    msg = error_of("train=3")
+    assert "'train'" in msg and "mapping" in msg and "steps" in msg
+
+
+def test_unknown_preset_names_it_and_the_accepted_forms():
+    msg = error_of("model.name=DiT-Q/2")
+    assert "'model.name'" in msg and "DiT-Q/2" in msg and "DiT-XL/2" in msg
+    msg = error_of("model.name=DiT-S/3")
+    assert "DiT-S/3" in msg and "(2, 4, 8)" in msg
+
+
+@pytest.mark.parametrize("item,allowed", [
+    ("diffusion.objective=edm", "'flow'"),
+    ("sample.sampler=plms", "'heun'"),
+    ("train.mixed_precision=fp8", "'bf16'"),
+    ("model.routing=random", "'expert_race'"),
+])
+def test_bad_choice_names_key_value_and_allowed(item, allowed):
+    key, value = item.split("=")
+    msg = error_of(item)
+    assert f"'{key}'" in msg and f"'{value}'" in msg and allowed in msg
+
+
+@pytest.mark.parametrize("item,key", [("train.steps=0", "train.steps"), ("train.ema_decay=1.5", "train.ema_decay"),
+                                      ("model.class_dropout_prob=1.0", "model.class_dropout_prob")])
+def test_out_of_range_value_names_it(item, key):
+    assert f"'{key}'" in error_of(item)
+
+
+def test_override_without_equals_and_missing_file():
+    assert "key=value" in error_of("train.steps")
+    assert "not found" in error_of(path="/nonexistent/c.yaml")
+
+
+def test_saved_config_round_trips():
+    cfg = load_config(DEMO, ["train.steps=9", "model.depth=2"])
+    assert from_yaml_text(to_yaml(cfg)) == cfg

@@ -1,0 +1,302 @@
+"""The training loop: exact resume, crash-safe checkpoints, non-finite steps, run-directory guards, metrics.csv.
+
+All runs are the tiny digits config of conftest.py (2 blocks, 32 wide, global batch 16, 12 steps,
+checkpoint every 4, a metrics row every step). References are the uninterrupted run itself (resume must
+repeat it bit for bit) and the state before a skipped step (a skipped step must not change it).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import racedit.training.checkpoint as checkpoint_mod
+import racedit.training.loop as loop_mod
+from racedit.config import ConfigError
+from racedit.training.checkpoint import (
+    latest_checkpoint,
+    load_config_of,
+    load_train_state,
+    load_weights,
+    resolve_checkpoint,
+)
+from racedit.training.loop import TrainingDiverged, train
+
+
+def read_metrics(out_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of metrics.csv, values as the strings written (so == is bit-exact for floats)."""
+    with (Path(out_dir) / "metrics.csv").open() as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def losses_by_step(out_dir: Path) -> dict[int, str]:
+    return {int(r["step"]): r["loss"] for r in read_metrics(out_dir)[1]}
+
+
+def weights_of(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {w: load_file(str(ckpt / f"{w}.safetensors")) for w in ("model", "ema")}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for which in ("model", "ema"):
+        assert a[which].keys() == b[which].keys()
+        for k in a[which]:
+            assert torch.equal(a[which][k], b[which][k]), f"{which}.{k} differs"
+
+
+# --- exact resume --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum,stop_after", [(1, 4), (2, 6)])
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tiny_config, tmp_path, grad_accum, stop_after):
+    """stop_after=4 stops right at a checkpoint; stop_after=6 also loses steps 5-6 (logged, not checkpointed),
+    which the resumed run must redo and re-log exactly once."""
+    over = f"train.grad_accum={grad_accum}"
+    full = train(tiny_config(over, out_dir=tmp_path / "full"))
+    assert full.step == 12 and full.skipped_steps == 0
+
+    cfg = tiny_config(over, out_dir=tmp_path / "split")
+    first = train(cfg, stop_after=stop_after)
+    assert first.step == stop_after
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step_0000004"
+    resumed = train(cfg, resume=True)
+    assert resumed.step == 12
+
+    want, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "split")
+    assert sorted(want) == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(tmp_path / "split")[1]] == [str(s) for s in range(1, 13)]
+    assert got == want  # every step's loss, as written, identical: before, across and after the resume
+    assert len(set(want.values())) > 1  # (the losses do change from step to step)
+    assert resumed.last_loss == full.last_loss
+
+    a = weights_of(resolve_checkpoint(tmp_path / "full"))
+    b = weights_of(resolve_checkpoint(tmp_path / "split"))
+    assert_same_weights(a, b)
+    sa = load_train_state(resolve_checkpoint(tmp_path / "full"))
+    sb = load_train_state(resolve_checkpoint(tmp_path / "split"))
+    assert sa["step"] == sb["step"] == 12 and sa["ema_n_averaged"] == sb["ema_n_averaged"]
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_config, monkeypatch):
+    cfg = tiny_config("train.steps=4")
+    done = train(cfg)
+    before = weights_of(done.checkpoint)
+
+    def no_save(*args, **kwargs):
+        raise AssertionError("a finished run's checkpoint was deleted and written again")
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", no_save)
+    again = train(cfg, resume=True)
+    assert again.step == 4 and again.checkpoint == done.checkpoint
+    assert_same_weights(before, weights_of(resolve_checkpoint(cfg.train.out_dir)))
+
+
+# --- crash during a checkpoint save ---------------------------------------------------------------------------
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    real_save_file = checkpoint_mod.save_file
+    calls = []
+
+    def flaky_save_file(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 4:  # the second checkpoint: model.safetensors written, crash on ema.safetensors
+            raise OSError("disk full (simulated)")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", flaky_save_file)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    monkeypatch.setattr(checkpoint_mod, "save_file", real_save_file)
+
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    last = latest_checkpoint(root)
+    assert last is not None and last.name == "step_0000004"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["last", "step_0000004"]
+    assert not (root / "step_0000008").exists()
+    # the previous checkpoint is complete and loads
+    assert load_train_state(last)["step"] == 4
+    assert load_config_of(last) == cfg
+    assert set(load_weights(last, "model")) == set(load_weights(last, "ema"))
+    # and the run resumes from it (named explicitly here), ending where an uninterrupted run ends
+    resumed = train(cfg, resume=last)
+    assert resumed.step == 12
+    assert list(losses_by_step(cfg.train.out_dir)) == list(range(1, 13))
+
+
+def test_checkpoint_without_last_link_is_still_found(tiny_config):
+    """A crash between renaming step_N into place and switching `last` (or a filesystem without links)."""
+    cfg = tiny_config("train.steps=8")
+    train(cfg, stop_after=4)
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    (root / "last").unlink()
+    incomplete = root / "step_0000006"  # not made by racedit (a rename is atomic), but must not be taken
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(root).name == "step_0000004"
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(cfg)
+    assert train(cfg, resume=True).step == 8
+
+
+def test_stray_temporary_dir_is_never_a_checkpoint(tiny_config):
+    """What a killed save leaves behind (a `.tmp-*` dir with some files) is ignored by resume and by `last`."""
+    cfg = tiny_config("train.steps=4")
+    train(cfg)
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    stray = root / ".tmp-killed"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"\x00" * 10)  # half-written
+    assert latest_checkpoint(root).name == "step_0000004"
+    assert resolve_checkpoint(root.parent).name == "step_0000004"
+    done = train(tiny_config("train.steps=8"), resume=True)
+    assert done.step == 8 and latest_checkpoint(root).name == "step_0000008"
+
+
+# --- non-finite losses and gradients ----------------------------------------------------------------------------
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; NaN gradient backward (a finite loss whose gradient is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_steps(monkeypatch, bad_steps: set[int], kind: str = "loss", snapshots: list | None = None):
+    """Make the loss (or only its gradient) non-finite at the given 1-based optimizer steps (grad_accum 1).
+
+    `snapshots` receives a copy of the live parameters as each step starts (= after the previous step).
+    """
+    real = loop_mod.training_losses
+    calls = []
+
+    def wrapped(model, *args, **kwargs):
+        calls.append(1)
+        step = len(calls)
+        if snapshots is not None:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        terms = real(model, *args, **kwargs)
+        if step in bad_steps:
+            if kind == "loss":
+                terms["loss"] = terms["loss"] * float("nan")
+            else:
+                terms["loss"] = NaNGradient.apply(terms["loss"])
+        return terms
+
+    monkeypatch.setattr(loop_mod, "training_losses", wrapped)
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_nonfinite_steps_are_skipped_and_counted(tiny_config, monkeypatch, kind):
+    snapshots: list[dict] = []
+    poison_steps(monkeypatch, {5, 6}, kind, snapshots)
+    result = train(tiny_config("train.ckpt_every=0"))
+    assert result.step == 12 and result.skipped_steps == 2
+    assert len(snapshots) == 12
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    # snapshots[i] is the state before step i+1: steps 5 and 6 (skipped) leave it untouched ...
+    assert same(snapshots[4], snapshots[5]) and same(snapshots[5], snapshots[6])
+    # ... while the ordinary steps around them change it (so the check above can fail)
+    assert not same(snapshots[3], snapshots[4]) and not same(snapshots[6], snapshots[7])
+    rows = {int(r["step"]): r for r in read_metrics(result.out_dir)[1]}
+    assert [float(rows[s]["skipped_steps"]) for s in (4, 5, 6, 12)] == [0.0, 1.0, 2.0, 2.0]
+    final = weights_of(result.checkpoint)
+    assert all(torch.isfinite(t).all() for w in final.values() for t in w.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_naming_step_and_checkpoint(tiny_config, monkeypatch):
+    poison_steps(monkeypatch, set(range(6, 13)))
+    cfg = tiny_config("train.max_nonfinite=3")
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg)
+    msg = str(info.value)
+    assert "step 8" in msg  # bad steps 6, 7, 8: the third in a row
+    assert "step_0000004" in msg  # the last good checkpoint (the one at 8 must not be written)
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    assert latest_checkpoint(root).name == "step_0000004"
+    assert not (root / "step_0000008").exists()
+
+
+def test_short_nonfinite_streak_over_a_checkpoint_step_does_not_save_it(tiny_config, monkeypatch):
+    poison_steps(monkeypatch, {8})
+    cfg = tiny_config("train.max_nonfinite=3")
+    result = train(cfg)
+    assert result.skipped_steps == 1
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    assert not (root / "step_0000008").exists()
+    assert latest_checkpoint(root).name == "step_0000012"
+
+
+def test_corrupted_weights_stop_the_run_before_any_checkpoint(tiny_config, monkeypatch):
+    """A weight that turns NaN (set by hand after the forward of step 3) makes every later loss NaN: steps
+    4, 5, 6 are skipped, so the checkpoint due at step 4 is never written, and the run stops at step 6."""
+    real = loop_mod.training_losses
+    calls = []
+
+    def wrapped(model, *args, **kwargs):
+        calls.append(1)
+        terms = real(model, *args, **kwargs)
+        if len(calls) == 3:
+            with torch.no_grad():  # a bias: its value is not needed by the backward of this step
+                model.final_layer.adaLN_modulation[-1].bias[0] = float("nan")
+        return terms
+
+    monkeypatch.setattr(loop_mod, "training_losses", wrapped)
+    cfg = tiny_config("train.max_nonfinite=3")
+    with pytest.raises(TrainingDiverged, match="step 6") as info:
+        train(cfg)
+    assert "none" in str(info.value)  # no good checkpoint yet
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    assert latest_checkpoint(root) is None and not (root / "step_0000004").exists()
+
+
+# --- run-directory guards --------------------------------------------------------------------------------------
+
+
+def test_fresh_run_into_a_directory_with_checkpoints_is_refused(tiny_config):
+    cfg = tiny_config("train.steps=4")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds checkpoints") as info:
+        train(cfg)
+    assert "resume" in str(info.value)
+
+
+def test_resume_with_a_different_model_names_the_key(tiny_config):
+    train(tiny_config("train.steps=4"))
+    with pytest.raises(ConfigError) as info:
+        train(tiny_config("train.steps=8", "model.hidden_size=64"), resume=True)
+    msg = str(info.value)
+    assert "model.hidden_size" in msg and "32" in msg and "64" in msg
+
+
+def test_resume_without_checkpoint_starts_fresh(tiny_config):
+    result = train(tiny_config("train.steps=2"), resume=True)
+    assert result.step == 2
+
+
+# --- metrics.csv -----------------------------------------------------------------------------------------------
+
+
+def test_metrics_csv_has_a_header_and_one_row_per_logged_step(tiny_config):
+    result = train(tiny_config("train.log_every=5", "train.ckpt_every=0"))
+    header, rows = read_metrics(result.out_dir)
+    assert header[0] == "step"
+    assert {"loss", "lr", "grad_norm", "steps_per_s", "skipped_steps"} <= set(header)
+    assert [int(r["step"]) for r in rows] == [5, 10, 12]  # every 5 steps, and the last one
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert (Path(result.out_dir) / "tensorboard").is_dir()
