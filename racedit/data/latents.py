@@ -1,0 +1,539 @@
+"""VAE latents of an image folder: resumable sharded extraction, the manifest, and `LatentDataset`.
+
+Letters: N latents (readable images), n rows of one shard, c latent channels, h x w latent side,
+S image side.
+
+On disk (`out/`):
+
+    manifest.json          written last, once every shard is complete: settings, classes, counts, skips
+    class_to_idx.json      {class folder name: label}
+    shard-00000/           one directory per block of `shard_size` consecutive files of the image folder
+        moments.npy        (n, 2, 2, c, h, w) float16|float32: [row, flip, (mean, std)]
+        labels.npy         (n,) int64
+        file_index.npy     (n,) int64 position of the row's file in the folder's sorted file list
+        shard.json         file range, settings, rows, skipped files, array shapes, sizes and sha256
+
+Flip 0 is the center-cropped image, flip 1 the same image mirrored left-right before encoding, so both
+random-flip augmentations of DiT are stored exactly. mean = (posterior mean - shift) * scaling_factor and
+std = posterior std * scaling_factor: a latent in model space is mean + std * N(0, 1).
+
+A shard is written into `shard-XXXXX.tmp-*` and renamed into place only when all its files (shard.json
+last) are on disk, so a killed run never leaves a half-written shard under the final name; a re-run
+verifies the shards already there (settings, file list digest, array shapes and sizes, optionally
+checksums) and extracts only the missing ones. Processes started by `accelerate launch` share the
+missing shards round-robin; the main process writes the manifest at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from racedit.data.codec import AutoencoderKLCodec
+from racedit.data.images import ImageFolder, collate_images, to_model_range
+
+FORMAT = "racedit-latents/1"
+MANIFEST = "manifest.json"
+STORE_DTYPES = ("float16", "float32")
+VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class LatentStoreError(RuntimeError):
+    """A latent directory that is missing, incomplete, or was made with other settings."""
+
+
+# --- Extraction ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractResult:
+    """What `extract_latents` did (the same on every process)."""
+
+    out_dir: Path
+    num_files: int  # files in the image folder
+    num_latents: int  # readable images = rows over all shards
+    num_skipped: int  # unreadable files
+    shards_total: int
+    shards_written: int  # by this process in this call
+    shards_reused: int  # complete and verified before this call
+    seconds: float
+
+
+def plan_shards(num_files: int, shard_size: int) -> list[tuple[int, int]]:
+    """File ranges [start, end) of the shards: consecutive blocks of `shard_size` files."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(s, min(s + shard_size, num_files)) for s in range(0, num_files, shard_size)]
+
+
+def _files_digest(files: Sequence[tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for rel, label in files:
+        h.update(f"{rel}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def verify_shard(shard_dir: Path, expected: dict | None = None, checksums: bool = False) -> str | None:
+    """None when `shard_dir` is a complete shard (matching `expected`'s keys of shard.json), else the problem."""
+    meta_path = shard_dir / "shard.json"
+    if not meta_path.is_file():
+        return "no shard.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable shard.json ({e})"
+    for key, value in (expected or {}).items():
+        if meta.get(key) != value:
+            return f"shard.json {key} is {meta.get(key)!r}, expected {value!r}"
+    for name, info in meta.get("arrays", {}).items():
+        path = shard_dir / f"{name}.npy"
+        if not path.is_file():
+            return f"missing {path.name}"
+        if path.stat().st_size != info["bytes"]:
+            return f"{path.name} has {path.stat().st_size} bytes, expected {info['bytes']}"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"unreadable {path.name} ({e})"
+        if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
+            return f"{path.name} is {arr.dtype}{list(arr.shape)}, expected {info['dtype']}{info['shape']}"
+        if checksums and _sha256(path) != info["sha256"]:
+            return f"{path.name} checksum mismatch"
+    if set(meta.get("arrays", {})) != {"moments", "labels", "file_index"}:
+        return "shard.json does not list moments, labels and file_index"
+    return None
+
+
+def _write_shard(out: Path, i: int, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays + shard.json into a temporary directory, fsync, and rename it to shard-XXXXX."""
+    final = out / _shard_name(i)
+    tmp = out / f"{_shard_name(i)}.tmp-{os.getpid()}"
+    for stale in out.glob(f"{_shard_name(i)}.tmp-*"):  # left by a killed run (this shard has one writer)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = dict(meta, arrays={})
+    for name, arr in arrays.items():
+        path = tmp / f"{name}.npy"
+        with open(path, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr))
+            f.flush()
+            os.fsync(f.fileno())
+        meta["arrays"][name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": path.stat().st_size,
+                                "sha256": _sha256(path)}
+    with open(tmp / "shard.json", "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def _log(msg: str, state) -> None:
+    prefix = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
+    tqdm.write(prefix + msg)
+
+
+def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_size: int = 256,
+                    batch_size: int = 32, shard_size: int = 20_000, num_workers: int | None = None,
+                    store_dtype: str = "float16", vae_dtype: str = "fp32", verify_checksums: bool = False,
+                    state=None, progress: bool = True,
+                    on_shard_done: Callable[[int], None] | None = None) -> ExtractResult:
+    """Encode every readable image of the ImageFolder `data` with the VAE `vae` into shards under `out`.
+
+    vae: hub id (e.g. "stabilityai/sd-vae-ft-ema") or local directory. image_size: S of the ADM center
+    crop (a multiple of the VAE downsample). batch_size: images per VAE call (each is encoded twice, as
+    is and mirrored). shard_size: files per shard. num_workers: image-decoding DataLoader workers per
+    process (default: CPU cores / processes, at most 8). store_dtype: float16 (default; ImageNet-256 at
+    SD-VAE is about 42 GB) or float32. vae_dtype: fp32 | fp16 | bf16 for the encoder. state: an accelerate
+    `PartialState` (created when None); work is shared among its processes. on_shard_done(i) is called
+    after shard i is written (tests use it to simulate a crash).
+    Skipped files are named in a log line each and in the manifest; the main process prints a summary.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # like Accelerator, honour ACCELERATE_USE_CPU (CPU-only multi-process runs: gloo instead of no DDP at all)
+    state = state or PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}")
+    if vae_dtype not in VAE_DTYPES:
+        raise ValueError(f"vae_dtype must be one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    images = ImageFolder(data, image_size)
+    codec = AutoencoderKLCodec(vae).to(state.device, VAE_DTYPES[vae_dtype])
+    if image_size % codec.downsample:
+        raise ValueError(f"image_size={image_size} is not a multiple of the VAE downsample {codec.downsample}")
+    latent_shape = [codec.channels, image_size // codec.downsample, image_size // codec.downsample]
+    vae_path = str(Path(vae).resolve()) if Path(vae).is_dir() else None
+    settings = {"format": FORMAT, "vae": str(vae), "image_size": image_size, "scaling_factor": codec.scaling_factor,
+                "shift_factor": codec.shift_factor, "store_dtype": store_dtype, "latent_shape": latent_shape}
+    if num_workers is None:
+        num_workers = min(8, max(1, (os.cpu_count() or 1) // state.num_processes))
+
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise LatentStoreError(f"{out} already holds latents made with other settings {diff} "
+                                   f"(existing, requested); choose another --out")
+    plan = plan_shards(len(images), shard_size)
+    # each process checks every num_processes-th existing shard; the verdicts are then shared
+    verdicts = []
+    for i in range(state.process_index, len(plan), state.num_processes):
+        verdicts.append((i, *_check_existing(out / _shard_name(i), settings, plan[i], images, data, verify_checksums)))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        verdicts = gather_object(verdicts)
+    verdicts.sort()
+    errors = [msg for _, status, msg in verdicts if status == "error"]
+    if errors:
+        raise LatentStoreError(errors[0])
+    for i, status, msg in verdicts:
+        if status == "redo" and state.is_main_process:
+            _log(f"{_shard_name(i)} is incomplete or damaged ({msg}): extracting it again", state)
+    todo = [i for i, status, _ in verdicts if status != "ok"]
+    reused = len(plan) - len(todo)
+    state.wait_for_everyone()  # everyone has planned before anyone writes
+    mine = todo[state.process_index::state.num_processes]
+
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"extract_latents: {len(images)} files in {len(images.classes)} classes -> {len(plan)} shards "
+              f"({reused} already complete, {len(todo)} to extract on {state.num_processes} process(es)) | "
+              f"VAE {vae} | {image_size}px -> latents {latent_shape} {store_dtype}")
+    state.wait_for_everyone()
+    total = sum(plan[i][1] - plan[i][0] for i in mine)
+    t_encode = time.perf_counter()
+    bar = tqdm(total=total, desc="extract", unit="img", disable=not (progress and state.is_main_process),
+               dynamic_ncols=True)
+    for i in mine:
+        start, end = plan[i]
+        meta = {"settings": settings, "shard": i, "files": [start, end],
+                "files_digest": _files_digest(images.files[start:end])}
+        arrays, skipped = _encode_range(images, start, end, codec, batch_size, num_workers, store_dtype, bar, state)
+        meta.update(rows=len(arrays["labels"]), skipped=skipped)
+        _write_shard(out, i, meta, arrays)
+        if on_shard_done is not None:
+            on_shard_done(i)
+    bar.close()
+    state.wait_for_everyone()
+    manifest = None
+    if state.is_main_process:
+        manifest = _write_manifest(out, images, plan, settings, vae_path, data)
+    state.wait_for_everyone()
+    manifest = manifest or read_manifest(out)
+    now = time.perf_counter()
+    seconds, encode_seconds = now - t0, now - t_encode
+    result = ExtractResult(out, len(images), manifest["num_latents"], manifest["num_skipped"], len(plan),
+                           len(mine), reused, seconds)
+    if state.is_main_process:
+        extracted = sum(plan[i][1] - plan[i][0] for i in todo)
+        print(f"extract_latents: done: {result.num_latents} latents from {result.num_files} files, "
+              f"{result.num_skipped} skipped (named in {manifest_path}), {len(plan)} shards ({reused} reused) "
+              f"in {seconds:.1f}s ({extracted / max(encode_seconds, 1e-9):.1f} img/s encoding over all processes) "
+              f"-> {out}")
+    return result
+
+
+def _check_existing(shard_dir: Path, settings: dict, files: tuple[int, int], images: ImageFolder, data,
+                    checksums: bool) -> tuple[str, str]:
+    """("ok" | "todo" | "redo" | "error", message) for the shard that should cover `files`."""
+    if not shard_dir.exists():
+        return "todo", ""
+    start, end = files
+    expected = {"settings": settings, "files": [start, end], "files_digest": _files_digest(images.files[start:end])}
+    problem = verify_shard(shard_dir, expected, checksums=checksums)
+    if problem is None:
+        return "ok", ""
+    meta = _read_json(shard_dir / "shard.json")
+    if meta is not None and (meta.get("settings") != settings or meta.get("files") != [start, end]):
+        return "error", (f"{shard_dir} was made with other settings or another shard size ({problem}); "
+                         f"choose another --out")
+    if meta is not None and meta.get("files_digest") != expected["files_digest"]:
+        return "error", (f"the image folder {data} changed since {shard_dir} was written (other files in its "
+                         f"range); choose another --out")
+    return "redo", problem
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderKLCodec, batch_size: int,
+                  num_workers: int, store_dtype: str, bar, state) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Encode files [start, end) (as is and mirrored): the shard's arrays and its skipped files."""
+    c, h, w = None, None, None
+    cap = end - start
+    moments = labels = file_index = None
+    n, skipped = 0, []
+    loader = DataLoader(Subset(images, range(start, end)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_images,
+                        pin_memory=state.device.type == "cuda")
+    for batch in loader:
+        for index, reason in batch.skipped:
+            rel = images.files[index][0]
+            _log(f"skipped {rel}: {reason}", state)
+            skipped.append({"path": rel, "reason": reason})
+        b = len(batch.labels)
+        if b:
+            x = to_model_range(batch.images.to(state.device, non_blocking=True))
+            mean, std = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2b, c, h, w) each
+            if moments is None:
+                c, h, w = mean.shape[1:]
+                moments = np.empty((cap, 2, 2, c, h, w), dtype=store_dtype)
+                labels = np.empty(cap, dtype=np.int64)
+                file_index = np.empty(cap, dtype=np.int64)
+            both = torch.stack([mean.view(2, b, c, h, w), std.view(2, b, c, h, w)], dim=2)  # (2, b, 2, c, h, w)
+            moments[n:n + b] = both.transpose(0, 1).cpu().numpy().astype(store_dtype)
+            labels[n:n + b] = batch.labels.numpy()
+            file_index[n:n + b] = batch.indices.numpy()
+            n += b
+        bar.update(b + len(batch.skipped))
+    if moments is None:  # every file of the range was unreadable
+        c, h, w = codec.channels, images.image_size // codec.downsample, images.image_size // codec.downsample
+        moments = np.empty((0, 2, 2, c, h, w), dtype=store_dtype)
+        labels, file_index = np.empty(0, np.int64), np.empty(0, np.int64)
+    return {"moments": moments[:n], "labels": labels[:n], "file_index": file_index[:n]}, skipped
+
+
+def _write_manifest(out: Path, images: ImageFolder, plan: list[tuple[int, int]], settings: dict,
+                    vae_path: str | None, data) -> dict:
+    shards, skipped, counts = [], [], np.zeros(len(images.classes), dtype=np.int64)
+    for i, (start, end) in enumerate(plan):
+        shard_dir = out / _shard_name(i)
+        problem = verify_shard(shard_dir, {"settings": settings, "files": [start, end]})
+        if problem is not None:
+            raise LatentStoreError(f"{shard_dir} is not complete after extraction ({problem})")
+        meta = json.loads((shard_dir / "shard.json").read_text())
+        counts += np.bincount(np.load(shard_dir / "labels.npy"), minlength=len(images.classes))
+        skipped.extend(meta["skipped"])
+        shards.append({"name": shard_dir.name, "rows": meta["rows"], "files": [start, end]})
+    c, h, w = settings["latent_shape"]
+    manifest = dict(settings)
+    manifest.update({
+        "vae_path": vae_path,  # absolute path when the VAE was a local directory, else null
+        "resolution": settings["image_size"],
+        "latent_channels": c,
+        "latent_size": h,
+        "downsample": settings["image_size"] // h,
+        "layout": "moments.npy (n, flip, [mean, std], c, h, w); flip 0 = image, 1 = mirrored left-right; "
+                  "latent = mean + std * N(0, 1), already scaled by scaling_factor",
+        "source": str(Path(data).resolve()),
+        "classes": images.classes,
+        "class_to_idx": images.class_to_idx,
+        "num_files": len(images),
+        "num_latents": int(sum(s["rows"] for s in shards)),
+        "num_skipped": len(skipped),
+        "counts_per_class": counts.tolist(),
+        "skipped": skipped,
+        "shards": shards,
+    })
+    _atomic_write_text(out / "class_to_idx.json", json.dumps(images.class_to_idx, indent=1))
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a latent directory; `LatentStoreError` with what to do when it is missing."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        if Path(root).is_dir() and any(Path(root).glob("shard-*")):
+            raise LatentStoreError(f"{root} has no {MANIFEST}: its extraction did not finish. Re-run the same "
+                                   f"eval/extract_latents.py command to complete it (finished shards are kept)")
+        raise LatentStoreError(f"{root} is not a latent directory (no {MANIFEST}); make one with "
+                               f"eval/extract_latents.py --data IMAGE_ROOT --vae VAE --out {root}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise LatentStoreError(f"{path}: format {manifest.get('format')!r}, this racedit reads {FORMAT!r}")
+    return manifest
+
+
+# --- Reading -------------------------------------------------------------------------------------------
+
+_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    z = z + _M1
+    z = (z ^ (z >> np.uint64(30))) * _M2
+    z = (z ^ (z >> np.uint64(27))) * _M3
+    return z ^ (z >> np.uint64(31))
+
+
+def draw_keys(seed: int, key: int, indices: np.ndarray) -> np.ndarray:
+    """64-bit hashes (n,) uint64 of (seed, key, index): the per-sample randomness of `LatentDataset`."""
+    with np.errstate(over="ignore"):
+        a = _splitmix(np.full(1, seed % 2**64, dtype=np.uint64))
+        b = _splitmix(a ^ np.uint64(key % 2**64))
+        return _splitmix(b ^ indices.astype(np.uint64))
+
+
+class KeyedIndices(list):
+    """A list of dataset indices that carries the randomness key (`epoch`) of the batch.
+
+    A batch sampler that yields these makes `LatentDataset` draw with that key instead of its own
+    `.epoch`, which is how the training loader stays exact across resumes and process counts.
+    """
+
+    def __init__(self, indices: Iterable[int], epoch: int):
+        super().__init__(indices)
+        self.epoch = epoch
+
+
+class LatentDataset(Dataset):
+    """Latents of a directory written by `extract_latents`, memory-mapped.
+
+    `dataset[i]` -> (x (c, h, w) float32, label int). x is the stored posterior of row i for one of its two
+    flips, sampled (mean + std * eps) when `sample_posterior`, else the mean. The flip (when `flip`) and
+    eps are drawn from a 64-bit hash of (seed, epoch, i), so they repeat exactly for the same epoch,
+    independently of workers, batch composition and number of processes; change the epoch with
+    `set_epoch` (like DistributedSampler), or let the batch sampler pass it (`KeyedIndices`).
+
+    `__getitems__` reads a whole batch with one fancy index per shard, which a DataLoader uses
+    automatically (batch_sampler or batch_size); `read(indices)` returns the batch already stacked.
+    The shards open lazily in each process, so the dataset pickles small and works with num_workers > 0.
+    `.labels` (N,) int64, `.classes`, `.num_classes`, `.latent_shape` (c, h, w), `.manifest`.
+    """
+
+    def __init__(self, root: str | Path, sample_posterior: bool = True, flip: bool = True, seed: int = 0):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.sample_posterior, self.flip, self.seed = sample_posterior, flip, seed
+        self.epoch = 0
+        self.classes: list[str] = self.manifest["classes"]
+        self.num_classes = len(self.classes)
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self._shards = [self.root / s["name"] for s in self.manifest["shards"]]
+        rows = [s["rows"] for s in self.manifest["shards"]]
+        self._offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        labels = [np.load(d / "labels.npy") for d in self._shards]
+        self.labels = torch.from_numpy(np.concatenate(labels) if labels else np.empty(0, np.int64))
+        if len(self.labels) != self._offsets[-1]:
+            raise LatentStoreError(f"{self.root}: the shards hold {len(self.labels)} rows, the manifest says "
+                                   f"{self._offsets[-1]}")
+        self._moments: list[np.ndarray] | None = None
+        self._gen: torch.Generator | None = None
+        self._scratch: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The randomness key for reads that do not bring their own (`KeyedIndices`)."""
+        self.epoch = epoch
+
+    def _open(self) -> list[np.ndarray]:
+        if self._moments is None:
+            self._moments = [np.load(d / "moments.npy", mmap_mode="r") for d in self._shards]
+        return self._moments
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _moments=None, _gen=None, _scratch=None)
+
+    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: x (n, c, h, w) float32, y (n,) int64 for dataset indices (n,) under randomness key `epoch`."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n_all = len(self)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n_all):
+            raise IndexError(f"LatentDataset index out of range [0, {n_all}): {idx[(idx < 0) | (idx >= n_all)][:5]}")
+        key = self.epoch if epoch is None else epoch
+        draws = draw_keys(self.seed, key, idx)
+        flips = (draws >> np.uint64(63)).astype(np.int64) if self.flip else np.zeros(len(idx), np.int64)
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        row = idx - self._offsets[shard]
+        moments = self._open()
+        first = np.unique(shard)
+        if len(first) == 1:
+            picked = moments[first[0]][row, flips]  # (n, 2, c, h, w): mean and std of the drawn flip
+        else:
+            picked = np.empty((len(idx), 2, *self.latent_shape), dtype=moments[0].dtype)
+            for s in first:
+                sel = shard == s
+                picked[sel] = moments[s][row[sel], flips[sel]]
+        t = torch.from_numpy(np.ascontiguousarray(picked))
+        if not (self.sample_posterior and len(idx)):
+            return t[:, 0].float(), self.labels[torch.from_numpy(idx)]
+        if self._gen is None:
+            self._gen = torch.Generator()
+        with np.errstate(over="ignore"):
+            seeds = _splitmix(draws).tolist()  # a second hash: the noise seed is independent of the flip bit
+        x = torch.empty((len(idx), *self.latent_shape), dtype=torch.float32)
+        gen, shape = self._gen, self.latent_shape
+        for seed, eps in zip(seeds, x.unbind(0)):  # eps written in place, then x = mean + std * eps
+            gen.manual_seed(seed)
+            torch.randn(shape, generator=gen, out=eps)
+        if self._scratch is None or self._scratch.shape != t.shape:  # reused: no fresh pages per batch
+            self._scratch = torch.empty(t.shape, dtype=torch.float32)
+        moments = self._scratch.copy_(t)
+        x.mul_(moments[:, 1]).add_(moments[:, 0])
+        return x, self.labels[torch.from_numpy(idx)]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.read([i])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        x, y = self.read(indices, getattr(indices, "epoch", None))
+        return list(zip(x.unbind(0), y.tolist()))
+
+    def __repr__(self) -> str:
+        return (f"LatentDataset(root={str(self.root)!r}, n={len(self)}, latent_shape={self.latent_shape}, "
+                f"classes={self.num_classes}, sample_posterior={self.sample_posterior}, flip={self.flip})")
+
+
+# --- A stand-in VAE for smoke tests, docs and benchmarks (no network) -----------------------------------
+
+
+def save_standin_vae(path: str | Path, block_out_channels: Sequence[int] = (8, 8, 8, 8), latent_channels: int = 4,
+                     layers_per_block: int = 1, norm_num_groups: int = 4, seed: int = 0) -> Path:
+    """A random-init diffusers AutoencoderKL saved with `save_pretrained` (downsample 2^(blocks - 1)).
+
+    The default is tiny (8 channels, downsample 8, scaling factor 0.18215 like SD-VAE); SD-VAE's own
+    architecture is block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    blocks = len(block_out_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(block_out_channels),
+                        layers_per_block=layers_per_block, latent_channels=latent_channels,
+                        norm_num_groups=norm_num_groups, sample_size=256, scaling_factor=0.18215)
+    vae.save_pretrained(path)
+    return Path(path)
