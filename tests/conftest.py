@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from racedit.config import Config, load_config
 # thread wake-ups (a 12-step tiny training run took 3.3 s on 2 threads vs 1.5 s on 1). RACEDIT_TEST_THREADS
 # overrides, e.g. to measure.
 torch.set_num_threads(int(os.environ.get("RACEDIT_TEST_THREADS", "1")))
+# The digits classifier cache goes to a per-session temporary directory, never to the user's ~/.cache.
+os.environ.setdefault("RACEDIT_CACHE", tempfile.mkdtemp(prefix="racedit-test-cache-"))
 
 # A 2-block, 32-wide DiT on the 8x8 digits: 16 tokens, about 50K parameters.
 TINY = [

@@ -19,6 +19,7 @@ from einops import rearrange
 from timm.models.vision_transformer import Attention, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
+from racedit.models.connections import ResidualConnection, build_connection, expand_streams, merge_streams
 from racedit.models.records import ForwardRecord
 
 
@@ -110,37 +111,45 @@ class FeedForward(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block on (B, T, D) with a pluggable feed-forward `mlp`.
+    """adaLN-Zero transformer block with a pluggable feed-forward `mlp` and pluggable stream connections.
 
     `mlp` is any module called as `mlp(u, record) -> (B, T, D)` where u is the modulated, normalised
-    input; its output is scaled by the block's zero-initialised gate.
+    input; its output is scaled by the block's zero-initialised gate. `attn_connection` and
+    `mlp_connection` (racedit.models.connections) decide how each sublayer reads from and writes to the
+    stream state h: plain residual (B, T, D), hyper-connections (B, T, n, D) or frac-connections.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, qk_norm: bool = False,
-                 layer_index: int = 0):
+                 layer_index: int = 0, attn_connection: nn.Module | None = None,
+                 mlp_connection: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.attn_connection = attn_connection or ResidualConnection()
+        self.mlp_connection = mlp_connection or ResidualConnection()
         self.layer_index = layer_index
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x, carry = self.attn_connection.width(h)
         attn_out = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + attn_out
+        h = self.attn_connection.depth(attn_out, carry)
+        x, carry = self.mlp_connection.width(h)
         ff_out = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), record)
         if record is not None:  # Fig. 5 diagnostic: size of what each branch adds to the residual
             record.block_output_norms[self.layer_index] = torch.stack(
                 [attn_out.detach().float().norm(dim=-1).mean(), ff_out.detach().float().norm(dim=-1).mean()])
-        return x + ff_out
+        return self.mlp_connection.depth(ff_out, carry)
 
     def macs(self, num_tokens: int) -> int:
         """Forward MACs for one image of `num_tokens` tokens (DiT's "Gflops" convention)."""
         d = self.norm1.normalized_shape[0]
         attention = num_tokens * 4 * d * d + 2 * num_tokens * num_tokens * d  # qkv + proj, QK^T + AV
-        return attention + 6 * d * d + self.mlp.macs(num_tokens)
+        connections = self.attn_connection.macs(num_tokens) + self.mlp_connection.macs(num_tokens)
+        return attention + 6 * d * d + self.mlp.macs(num_tokens) + connections
 
 
 class FinalLayer(nn.Module):
@@ -199,7 +208,9 @@ class DiT(nn.Module):
         # Fixed sin-cos table, kept as a frozen parameter as in DiT (so it counts in DiT's parameter table).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, d), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(d, cfg.num_heads, build_feedforward(cfg, i), qk_norm=cfg.qk_norm, layer_index=i)
+            DiTBlock(d, cfg.num_heads, build_feedforward(cfg, i), qk_norm=cfg.qk_norm, layer_index=i,
+                     attn_connection=build_connection(cfg, d, 2 * i),
+                     mlp_connection=build_connection(cfg, d, 2 * i + 1))
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
@@ -257,12 +268,13 @@ class DiT(nn.Module):
         """`label_dropout`: None drops labels in training mode (DiT's behaviour); False never drops, for
         callers that applied their own seeded dropout (the training loop, so runs are reproducible)."""
         h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
+        h = expand_streams(h, self.config)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, record, use_reentrant=False)
             else:
                 h = block(h, c, record)
-        return self.unpatchify(self.final_layer(h, c))
+        return self.unpatchify(self.final_layer(merge_streams(h, self.config), c))
 
     def macs(self) -> int:
         """Forward multiply-accumulates for one image (DiT's "Gflops" convention; MoE at mean k)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -22,7 +22,7 @@ from racedit.config import Config, ConfigError, to_yaml
 from racedit.data.factory import build_codec, build_training_data
 from racedit.diffusion.objectives import create_objective
 from racedit.evaluation.routing import diagnostics_due, routing_diagnostics, timestep_fraction
-from racedit.models import count_params, create_model
+from racedit.models import count_params, create_model, resolve_model_config
 from racedit.models.records import ForwardRecord
 from racedit.training.batches import ResumableBatchOrder
 from racedit.training.checkpoint import (
@@ -104,8 +104,12 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     an interruption) without the end-of-run checkpoint, samples and evaluation.
     """
     tc = cfg.train
+    # MoE layers may leave parameters without gradient on a rank (the router's target head when
+    # per-layer regularization is off), which DDP must be told about.
+    moe = bool(resolve_model_config(cfg.model).moe_experts)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)])
     device, is_main = accelerator.device, accelerator.is_main_process
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
