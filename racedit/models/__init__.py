@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, replace
 
 import torch.nn as nn
@@ -55,6 +56,9 @@ def _expert_fractions(model: nn.Module) -> dict[str, float]:
     return out
 
 
+_BIAS = re.compile(r"^(.*bias.*|b\d+)$")  # nn.Linear biases and the batched expert biases b1, b2
+
+
 def count_params(model: nn.Module, convention: str = "all") -> dict[str, int]:
     """{"total", "activated"} parameter counts.
 
@@ -70,8 +74,8 @@ def count_params(model: nn.Module, convention: str = "all") -> dict[str, int]:
     total = activated = 0.0
     for name, p in model.named_parameters():
         if convention == "paper":
-            leaf = name.rsplit(".", 1)[-1]
-            if not name.startswith("blocks.") or p.ndim < 2 or "bias" in leaf or "target_head" in name:
+            if not name.startswith("blocks.") or p.ndim < 2 or _BIAS.match(name.rsplit(".", 1)[-1]) \
+                    or "target_head" in name:
                 continue
         total += p.numel()
         if "target_head" not in name:

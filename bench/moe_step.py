@@ -1,0 +1,230 @@
+"""Train-step time of a dense DiT against Race-DiT MoE models, the MoE layer alone, and peak memory.
+
+    python bench/moe_step.py                      # CPU: DiT-S/2 vs RaceDiT-S/2-2in8 and -4in32, batch 8
+    python bench/moe_step.py --iters 20 --no-memory
+
+One run prints markdown tables. Train step = forward (with a ForwardRecord, as in training) + backward +
+AdamW step. Models are timed in interleaved rounds (dense, MoE, MoE, dense, ...) so a change in machine
+load hits every model alike; the tables give medians. Peak memory is the peak resident set of a fresh
+subprocess running two train steps of one model (CPU), or torch.cuda.max_memory_allocated (GPU). When
+CUDA is available, a second table gives bf16-autocast images/s of DiT-B/2 against RaceDiT-B/2-4in32.
+
+Letters: B images per step, L tokens per image, D width, E experts, k experts per token on average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from racedit.models import count_params, create_model  # noqa: E402
+from racedit.models.moe import MoEFeedForward  # noqa: E402
+from racedit.models.records import ForwardRecord  # noqa: E402
+
+CPU_MODELS = ("DiT-S/2", "RaceDiT-S/2-2in8", "RaceDiT-S/2-4in32")
+GPU_MODELS = ("DiT-B/2", "RaceDiT-B/2-4in32")
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW, fused where this build supports it on the model's device (the fastest variant for every model)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4)
+
+
+class TrainStep:
+    """One model with its optimizer and a fixed random batch: (B, 4, 32, 32) latents, timesteps, labels."""
+
+    def __init__(self, name: str, batch: int, device: torch.device, bf16: bool):
+        torch.manual_seed(0)
+        self.name = name
+        self.model = create_model(name).to(device).train()
+        self.optimizer = make_optimizer(self.model)
+        self.device, self.bf16 = device, bf16
+        channels, side = self.model.in_channels, self.model.input_size
+        self.x = torch.randn(batch, channels, side, side, device=device)
+        self.t = torch.randint(0, 1000, (batch,), device=device)
+        self.y = torch.randint(0, self.model.num_classes, (batch,), device=device)
+        self.target = torch.randn_like(self.x)
+
+    def __call__(self) -> None:
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with amp:
+            out = self.model(self.x, self.t, self.y, record=ForwardRecord())
+            loss = F.mse_loss(out[:, : self.x.shape[1]].float(), self.target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rounds(steps: dict[str, callable], warmup: int, iters: int, device: torch.device) -> dict[str, dict]:
+    """Interleaved timing: every round runs each step once. -> name -> {wall_ms, cpu_ms} medians."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    walls: dict[str, list[float]] = {name: [] for name in steps}
+    cpus: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            sync(device)
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    return {name: {"wall_ms": 1e3 * statistics.median(walls[name]), "cpu_ms": 1e3 * statistics.median(cpus[name])}
+            for name in steps}
+
+
+class LayerStep:
+    """Forward + backward of one feed-forward layer on u (B, L, D) with a fixed upstream gradient."""
+
+    def __init__(self, layer: torch.nn.Module, batch: int, tokens: int, dim: int, device: torch.device):
+        self.layer = layer.to(device).train()
+        self.u = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+        self.grad = torch.randn(batch, tokens, dim, device=device)
+
+    def __call__(self) -> None:
+        self.layer(self.u, ForwardRecord()).backward(self.grad)
+        self.layer.zero_grad(set_to_none=True)
+        self.u.grad = None
+
+
+def peak_memory_mib(name: str, batch: int, device: torch.device, bf16: bool) -> float:
+    """Peak memory of two train steps of one model: a fresh subprocess's max RSS (CPU) or CUDA allocator peak."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        step = TrainStep(name, batch, device, bf16)
+        step()
+        step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        del step
+        return peak
+    cmd = [sys.executable, __file__, "--memory-child", name, "--batch", str(batch),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def memory_child(name: str, batch: int) -> None:
+    step = TrainStep(name, batch, torch.device("cpu"), bf16=False)
+    step()
+    step()
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak over the fork.
+    with open("/proc/self/status") as f:
+        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mib": hwm_kib / 1024}))
+
+
+def machine_line(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    load = os.getloadavg()[0]
+    line = (f"torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}{gpu}, "
+            f"load average {load:.2f}")
+    if device.type == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        # Other processes hold the cores: every intra-op parallel region may wait a scheduler slice for
+        # its second thread, which penalises many small kernels (the MoE loop) far more than a few big ones.
+        line += ("\nnote: the machine is busy with other work; wall times include waiting for a core. "
+                 "Compare with --threads 1 and the CPU ms column.")
+    return line
+
+
+def model_table(names: tuple[str, ...], args, device: torch.device, bf16: bool) -> None:
+    steps = {name: TrainStep(name, args.batch, device, bf16) for name in names}
+    params = {name: count_params(step.model) for name, step in steps.items()}
+    times = timed_rounds(steps, args.warmup, args.iters, device)
+    del steps
+    dense = names[0]
+    memory = {} if args.no_memory else {name: peak_memory_mib(name, args.batch, device, bf16) for name in names}
+    print(f"\n### Train step (fwd + bwd + AdamW), batch {args.batch}, {device.type}{', bf16 autocast' if bf16 else ''}\n")
+    print("| model | params total / activated (M) | step ms (median wall) | / dense | step CPU ms | images/s |"
+          f"{' peak memory MiB |' if memory else ''}")
+    print(f"|---|---|---|---|---|---|{'---|' if memory else ''}")
+    for name in names:
+        t = times[name]
+        p = params[name]
+        mem = f" {memory[name]:.0f} |" if memory else ""
+        print(f"| {name} | {p['total'] / 1e6:.1f} / {p['activated'] / 1e6:.1f} | {t['wall_ms']:.1f} | "
+              f"{t['wall_ms'] / times[dense]['wall_ms']:.3f} | {t['cpu_ms']:.1f} | "
+              f"{1e3 * args.batch / t['wall_ms']:.1f} |{mem}")
+
+
+def layer_table(args, device: torch.device) -> None:
+    from racedit.models.dit import FeedForward
+
+    dim, tokens = 384, 256  # DiT-S/2 width; 256 tokens = 32x32 latents with patch 2
+    torch.manual_seed(0)
+    layers = {"dense MLP (D=384, h=1536)": FeedForward(dim, 4 * dim)}
+    for k, experts in ((2, 8), (4, 32)):
+        layers[f"MoE {k}in{experts} (expert_race)"] = MoEFeedForward(dim, experts, k, target_dim=16)
+    steps = {name: LayerStep(layer, args.batch, tokens, dim, device) for name, layer in layers.items()}
+    times = timed_rounds(steps, args.warmup, args.iters * 2, device)
+    dense = next(iter(layers))
+    print(f"\n### Feed-forward layer alone (fwd + bwd), u = ({args.batch}, {tokens}, {dim}), {device.type}\n")
+    print("| layer | ms (median wall) | / dense | CPU ms |")
+    print("|---|---|---|---|")
+    for name in layers:
+        t = times[name]
+        print(f"| {name} | {t['wall_ms']:.2f} | {t['wall_ms'] / times[dense]['wall_ms']:.3f} | {t['cpu_ms']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="images per train step (CPU tables)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--iters", type=int, default=10, help="timed rounds (the layer table uses twice as many)")
+    parser.add_argument("--gpu-batch", type=int, default=64, help="images per train step (GPU table)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch)
+        return
+
+    cpu = torch.device("cpu")
+    print(f"# bench/moe_step.py\n\n{machine_line(cpu)}")
+    print(f"command: python bench/moe_step.py {' '.join(sys.argv[1:])}".rstrip())
+    layer_table(args, cpu)
+    model_table(CPU_MODELS, args, cpu, bf16=False)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        print(f"\n{machine_line(gpu)}")
+        gpu_args = argparse.Namespace(**{**vars(args), "batch": args.gpu_batch})
+        layer_table(args, gpu)
+        model_table(GPU_MODELS, gpu_args, gpu, bf16=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
