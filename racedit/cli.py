@@ -117,6 +117,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     except (ValueError, SamplingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if state is not None:
+            state.destroy_process_group()  # a no-op without one; avoids teardown noise under accelerate launch
     return 0
 
 
