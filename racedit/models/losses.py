@@ -1,0 +1,210 @@
+"""Auxiliary losses of the MoE routers: router similarity, per-layer regularization, balance, z-loss.
+
+Each loss reads what the MoE layers wrote into the side channel (`racedit.models.records.ForwardRecord`)
+and is weighted by its own `LossConfig` coefficient (0 = off; the loss is then not computed at all).
+`auxiliary_losses` is what the training step calls; the single-layer functions are public for tests,
+ablations and users.
+
+Coefficients. The Race-DiT paper (arXiv 2503.16057) does not publish its loss coefficients or the
+reductions over layers. The shipped configs assume (reference notes race-dit.md section 15, rows 4, 6, 12, 13):
+router similarity 0.01 on the mean over MoE layers, per-layer regularization 1.0 on the per-element MSE
+averaged over layers, balance 0.01 and z-loss 1e-3 when those comparison losses are switched on (both off
+in the paper's final recipe). Treat them as starting points for a sweep, not as the paper's values.
+
+Letters: B images, L tokens per image, N = B*L tokens, E experts, P = p*p*C target values per token
+(C = data channels: the epsilon / velocity part of the output, also for learn_sigma models).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+
+from racedit.models.records import ForwardRecord, MoELayerRecord
+
+__all__ = [
+    "router_similarity_loss",
+    "balance_loss",
+    "z_loss",
+    "per_layer_regularization",
+    "patchify_target",
+    "auxiliary_losses",
+    "AUX_LOSS_NAMES",
+]
+
+# LossConfig field -> logged name of the loss term (flat names; "loss" itself is the weighted total).
+AUX_LOSS_NAMES = {
+    "router_similarity": "loss/router_similarity",
+    "per_layer_reg": "loss/per_layer_reg",
+    "balance": "loss/balance",
+    "z_loss": "loss/z_loss",
+}
+
+
+def _world_size(group) -> int:
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """Concatenate x (n, ...) of every rank of `group` in rank order -> ((sum n, ...), world size).
+
+    Ranks may hold different n. The other ranks' rows arrive detached; this rank's rows are the live
+    tensor, so gradient flows to the local part only. Without a group (or with one rank) x is returned.
+    All ranks of the group must call this together.
+    """
+    world = _world_size(group)
+    if world == 1:
+        return x, 1
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in torch.cat(sizes).tolist()]
+    largest = max(sizes)
+    local = x.detach()
+    if local.dtype == torch.bool:  # gloo and nccl gather numbers, not booleans
+        local = local.to(torch.uint8)
+    local = local.contiguous()
+    if x.shape[0] < largest:
+        local = torch.cat([local, local.new_zeros(largest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    rank = dist.get_rank(group)
+    parts = [x if r == rank else p[:s].to(x.dtype) for r, (p, s) in enumerate(zip(parts, sizes))]
+    return torch.cat(parts), world
+
+
+def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Same value, gradient multiplied by `world`.
+
+    A loss over the all-gathered batch is computed identically on every rank, but each rank backpropagates
+    only through its own rows; data-parallel training then averages the ranks' gradients, which would divide
+    the global loss's gradient by the world size. Scaling here makes the update the gradient of the loss.
+    """
+    return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())
+
+
+def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6) -> torch.Tensor:
+    """Router similarity loss of one MoE layer (Race-DiT section 5; reference notes section 6), a scalar.
+
+    logits (N, E): gating-head logits; mask (N, E) bool: the routing mask (no gradient).
+    P = softmax(logits) over experts (used by this loss only, whatever the gating function), P' = P^T P,
+    M' = M^T M (co-selection counts). Weights W_ii = E * M'_ii / sum_j M'_jj and, off the diagonal,
+    W_ij = (E^2 - E) * M'_ij / sum_{p != q} M'_pq; L = (1/N) sum_ij W_ij P'_ij. Equals 1 when every expert
+    and every pair of experts is used equally often (any P). The denominators are guarded by `eps` (the
+    off-diagonal sum is 0 when no token has two experts). Computed in float32 (float64 stays float64).
+
+    `group`: the process group the routing selection spanned (race_scope=global, `MoELayerRecord.group`);
+    the loss is then computed over the batch of all its ranks, with gradient to this rank's logits, scaled
+    so that data-parallel gradient averaging yields the gradient of the global loss.
+    """
+    logits, world = gather_rows(logits, group)
+    mask, _ = gather_rows(mask, group)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    N, E = logits.shape
+    p = torch.softmax(logits.to(dtype), dim=-1)
+    m = mask.detach().to(dtype)
+    co = m.t() @ m  # (E, E)
+    diag = torch.diagonal(co)
+    off = co - torch.diag_embed(diag)
+    weights = off * ((E * E - E) / off.sum().clamp_min(eps)) + torch.diag_embed(diag * (E / diag.sum().clamp_min(eps)))
+    loss = (weights * (p.t() @ p)).sum() / max(N, 1)
+    return _global_gradient(loss, world)
+
+
+def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6) -> torch.Tensor:
+    """Switch-Transformer load-balance loss E * sum_e f_e * P_e of one MoE layer, a scalar.
+
+    f_e = share of the selected (token, expert) pairs that went to expert e (from the mask, no gradient),
+    P_e = mean over tokens of softmax(logits)_e. Equals 1 at uniform load. logits (N, E), mask (N, E) bool.
+    `group` as in `router_similarity_loss`. Not in the Race-DiT recipe; its Table 2 compares against it.
+    """
+    logits, world = gather_rows(logits, group)
+    mask, _ = gather_rows(mask, group)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    E = logits.shape[1]
+    load = mask.detach().to(dtype).sum(dim=0)
+    f = load / load.sum().clamp_min(eps)
+    p_mean = torch.softmax(logits.to(dtype), dim=-1).mean(dim=0)
+    return _global_gradient(E * (f * p_mean).sum(), world)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss mean_t (logsumexp_e logits[t, e])^2 of one layer, a scalar; logits (N, E).
+
+    Keeps the logits small, which matters with identity gating where nothing bounds their scale.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.logsumexp(logits.to(dtype), dim=-1).square().mean()
+
+
+def patchify_target(target: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Diffusion target (B, C, H, W) -> per-token target (B, L, p*p*C) for L = num_tokens patches.
+
+    The layout is `DiT.patchify`'s ((p, q, c) inside a token, tokens row-major), the one the final layer's
+    unpatchify and the router target heads use; the patch side p follows from H and L.
+    """
+    B, C, H, W = target.shape
+    side = int(round(num_tokens ** 0.5))
+    if side * side != num_tokens or H % side or W % side or H // side != W // side:
+        raise ValueError(f"cannot cut a {H}x{W} target into {num_tokens} square patches")
+    p = H // side
+    return rearrange(target, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+
+def per_layer_regularization(predictions: list[torch.Tensor], target_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-layer regularization (Race-DiT section 6, reference notes section 7), a scalar.
+
+    predictions: the router target-head outputs of the MoE layers, each (B, L, P); target_tokens
+    (B, L, P): the objective's target patchified to tokens (`patchify_target`). Per-element mean squared
+    error, averaged over layers, in float32. The heads are trained by this loss only and do not take part
+    in the forward output, so they change nothing at sampling time.
+    """
+    if not predictions:
+        raise ValueError("per-layer regularization needs at least one MoE layer with a target head")
+    target = target_tokens.detach().float()
+    losses = []
+    for pred in predictions:
+        if pred.shape != target.shape:
+            raise ValueError(f"target head predicts {tuple(pred.shape)} per layer but the target is "
+                             f"{tuple(target.shape)} per token")
+        losses.append(F.mse_loss(pred.float(), target))
+    return torch.stack(losses).mean()
+
+
+def _layers(record: ForwardRecord) -> list[MoELayerRecord]:
+    layers = record.moe_layers()
+    if not layers:
+        raise ValueError("an auxiliary routing loss is switched on (loss.* > 0) but the model has no MoE layer; "
+                         "set the loss coefficients to 0 for dense models")
+    return layers
+
+
+def auxiliary_losses(record: ForwardRecord, loss_cfg, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The auxiliary losses switched on in `loss_cfg` (a `LossConfig`), unweighted, by logged name.
+
+    record: the filled side channel of the forward pass; target (B, C, H, W): the objective's target (only
+    needed for per-layer regularization). Every loss is the mean over MoE layers. Returns e.g.
+    {"loss/router_similarity": L_sim, "loss/per_layer_reg": L_plr}; the caller adds coefficient * term.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if loss_cfg.router_similarity > 0:
+        out[AUX_LOSS_NAMES["router_similarity"]] = torch.stack(
+            [router_similarity_loss(r.logits, r.mask, group=r.group) for r in _layers(record)]).mean()
+    if loss_cfg.balance > 0:
+        out[AUX_LOSS_NAMES["balance"]] = torch.stack(
+            [balance_loss(r.logits, r.mask, group=r.group) for r in _layers(record)]).mean()
+    if loss_cfg.z_loss > 0:
+        out[AUX_LOSS_NAMES["z_loss"]] = torch.stack([z_loss(r.logits) for r in _layers(record)]).mean()
+    if loss_cfg.per_layer_reg > 0:
+        layers = _layers(record)
+        if any(r.target_pred is None for r in layers):
+            raise ValueError("loss.per_layer_reg > 0 needs the router target heads: set model.router_target_head=true")
+        if target is None:
+            raise ValueError("per-layer regularization needs the diffusion target")
+        tokens = patchify_target(target, layers[0].target_pred.shape[1])
+        out[AUX_LOSS_NAMES["per_layer_reg"]] = per_layer_regularization([r.target_pred for r in layers], tokens)
+    return out
