@@ -25,6 +25,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary line per run, not per process
+        return 0
     parts = [f"done: {result.step} steps in {result.seconds:.0f}s", f"final loss {result.last_loss:.4f}",
              f"skipped {result.skipped_steps}", f"checkpoint {result.checkpoint}"]
     if "grid" in result.metrics:
@@ -61,6 +65,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=None,
                         help="npz: stop after this many batches per process (time-limited jobs); re-run to continue")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA")
+    parser.add_argument("--vae", default=None,
+                        help="latent models: VAE hub id or local directory (default: the one in the checkpoint's "
+                             "config or latent manifest)")
     parser.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -93,7 +100,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         device = device or str(state.device)
     device = device or ("cuda" if _cuda() else "cpu")
     try:
-        loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device)
+        loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device, vae=args.vae)
     except (CheckpointError, ConfigError) as e:  # ConfigError: a saved config that builds no model
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,9 @@ class ModelConfig:
     num_heads: int | None = None  # attention heads (preset)
     patch_size: int | None = None  # patch side p (preset)
     mlp_ratio: float = 4.0  # dense MLP hidden = mlp_ratio * D
+    # sinusoidal timestep frequencies exp(-ln(10000) i / (128 - shift)), i < 128: 0 = DiT's; 1 = diffusers'
+    # DiTTransformer2DModel (its Timesteps(downscale_freq_shift=1)); eval/convert.py from-diffusers sets 1
+    timestep_freq_shift: float = 0.0
     qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long mixed-precision runs)
     # --- Mixture of Experts (racedit.models.moe); moe_experts = 0 keeps the dense MLP
     moe_experts: int | None = None  # E candidate experts per layer (preset "kinE"); 0 = dense
@@ -70,6 +73,22 @@ class ModelConfig:
     # --- Memory layers (racedit.models.memory), parallel to the feed-forward
     memory: str = "none"  # none | pkm | ultramem | ultramemv2
     memory_blocks: list[int] = field(default_factory=list)  # block indices with a memory layer; empty = every block
+    memory_keys: int = 128  # n: keys per side of the product-key grid; S = n*n value slots per memory layer
+    memory_topk: int = 32  # m: slots each query head reads per token (TopM)
+    memory_heads: int = 1  # query heads (own queries and keys) reading one shared table; their reads are summed
+    memory_key_dim: int = 0  # Dk; 0 = D/2 (pkm, ultramem) or, for ultramemv2, the Dk that gives memory_share
+    memory_value_dim: int = 0  # Dv (ultramem, ultramemv2); 0 = D/2 (ultramem) or 3D/16 (ultramemv2); pkm values are D wide
+    memory_prevalue_dim: int = 0  # Dp, ultramemv2 pre-value width; 0 = D/16 (Dp:Dv = 1:3, the paper's 72:216 at D=1152)
+    memory_rank: int = 2  # r: Tucker rank of the query-key retrieval (ultramem, ultramemv2)
+    memory_cores: int = 2  # h: scoring cores, core i weighting the i-th Dv/h columns of each value (ultramem, ultramemv2)
+    memory_expansion: int = 0  # E: implicit value expansion, a square (1, 4, 9, 16); 0 = 4 (ultramem) or 1 (ultramemv2)
+    memory_share: float = 0.17  # ultramemv2 with memory_key_dim=0: memory MACs / (block + memory) MACs per token
+    # Tucker pre-filter: also keep the m lowest rank-1 row/column scores (exact for a rank-1 core whatever the
+    # signs, 4x the candidates); false = the paper's top-m rows and columns only
+    memory_prefilter_signed: bool = False
+    memory_value_std: float = 0.0  # std of the value/pre-value tables; 0 = the kind's init (racedit/models/memory.py)
+    memory_value_lr_scale: float = 1.0  # LR multiplier of the value/pre-value tables (UltraMem: 4 to 10 with decay; V2: 1)
+    memory_value_lr_decay: float = 0.0  # fraction of train.steps over which that multiplier decays linearly to 1; 0 = constant
 
 
 @dataclass
@@ -137,6 +156,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0 = only at the end)
     max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
     eval_samples_per_class: int = 0  # digits: samples per class for the end-of-run accuracy (0 = off)
+    init_from: str = ""  # start a new run from this checkpoint's EMA weights (fine-tune converted/upcycled models)
 
 
 @dataclass
@@ -242,8 +262,34 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"bad value for 'model.class_dropout_prob': {cfg.model.class_dropout_prob}. Must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"bad value for 'train.ema_decay': {cfg.train.ema_decay}. Must be in [0, 1)")
-    if cfg.data.kind == "latents" and not cfg.data.latents:
-        raise ConfigError("'data.latents' must name the latent directory when data.kind=latents")
+    _validate_memory(cfg.model)
+    # A checkpoint converted from pretrained weights (racedit.convert) has no latent directory; it names the
+    # VAE to decode with in data.vae instead. Training such a config still needs data.latents (the dataset
+    # then reports the empty path).
+    if cfg.data.kind == "latents" and not cfg.data.latents and not cfg.data.vae:
+        raise ConfigError("'data.latents' must name the latent directory when data.kind=latents "
+                          "(a checkpoint used only for sampling may name its VAE in 'data.vae' instead)")
+
+
+def _validate_memory(model: Any) -> None:
+    """Ranges of the memory-layer options that do not depend on the preset (the rest is checked when the
+    layers are built, racedit.models.memory)."""
+    at_least = {"memory_keys": 1, "memory_topk": 1, "memory_heads": 1, "memory_rank": 1, "memory_cores": 1,
+                "memory_key_dim": 0, "memory_value_dim": 0, "memory_prevalue_dim": 0, "memory_expansion": 0}
+    for key, low in at_least.items():
+        if getattr(model, key) < low:
+            raise ConfigError(f"bad value for 'model.{key}': {getattr(model, key)}. Must be >= {low}")
+    e = model.memory_expansion
+    if e and int(e ** 0.5 + 0.5) ** 2 != e:
+        raise ConfigError(f"bad value for 'model.memory_expansion': {e}. Must be 0 or a square (1, 4, 9, 16)")
+    if not 0.0 < model.memory_share < 1.0:
+        raise ConfigError(f"bad value for 'model.memory_share': {model.memory_share}. Must be in (0, 1)")
+    if model.memory_value_std < 0 or model.memory_value_lr_scale <= 0:
+        raise ConfigError("bad value for 'model.memory_value_std' or 'model.memory_value_lr_scale': "
+                          f"{model.memory_value_std}, {model.memory_value_lr_scale}. Need std >= 0 and scale > 0")
+    if not 0.0 <= model.memory_value_lr_decay <= 1.0:
+        raise ConfigError(f"bad value for 'model.memory_value_lr_decay': {model.memory_value_lr_decay}. "
+                          "Must be in [0, 1]")
 
 
 def _get(obj: Any, path: str) -> Any:

@@ -41,7 +41,8 @@ class LoadedCheckpoint:
     weights: str  # "ema" or "model"
 
 
-def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                      vae: str | None = None) -> LoadedCheckpoint:
     """Load a checkpoint (EMA weights by default) into an eval-mode model.
 
     Raises `CheckpointError` with a readable message for a missing path or a checkpoint that does not
@@ -56,7 +57,8 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     load_into(model, load_weights(ckpt, which), f"checkpoint {ckpt} ({which} weights)")
     model.to(device).eval()
     objective = create_objective(cfg.diffusion, model.learn_sigma)
-    return LoadedCheckpoint(model, objective, build_codec(cfg).to(device), cfg, ckpt, which)
+    # `vae` (hub id or local dir) overrides the VAE named in the config or the latent manifest.
+    return LoadedCheckpoint(model, objective, build_codec(cfg, vae=vae).to(device), cfg, ckpt, which)
 
 
 @torch.no_grad()
@@ -73,9 +75,10 @@ def sample_images(model: DiT, objective: Objective, codec: Codec, labels: torch.
         y = labels[start:start + batch_size].to(device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + start)
         noise = torch.randn((len(y), *shape), generator=g).to(device)
+        step_noise = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # DDPM's per-step noise
         z = generate(model, objective, y, sampler=sample_cfg.sampler, steps=sample_cfg.steps,
                      cfg_scale=sample_cfg.cfg_scale, guidance_channels=sample_cfg.guidance_channels,
-                     shape=shape, noise=noise, progress=progress)
+                     shape=shape, noise=noise, generator=step_noise, progress=progress)
         out.append(codec.decode(z).float().cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -4,10 +4,10 @@ import csv
 
 import pytest
 import torch
+from conftest import make_tiny_config
 
 from racedit.models import count_params, create_model
 from racedit.training.loop import param_groups, train
-from conftest import make_tiny_config
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=3, hidden_size=32, num_heads=2, learn_sigma=True)
 VARIANTS = [

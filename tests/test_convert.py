@@ -372,3 +372,20 @@ def test_diffusers_pipeline_in_and_out(tmp_path, monkeypatch, standin_vae):
     assert not (tmp_path / "bare" / "vae").exists()
     pipe = DiTPipeline.from_pretrained(tmp_path / "bare", vae=vae)
     assert pipe(class_labels=[2], num_inference_steps=1, guidance_scale=1.0, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_sample_with_vae_flag_overrides_the_configured_vae(tmp_path, standin_vae, monkeypatch):
+    """A converted checkpoint names the hub VAE (unreachable offline); `sample.py --vae DIR` decodes with a
+    local one instead."""
+    f = tmp_path / "DiT-tiny.pt"
+    torch.save(official_state_dict(depth=2, hidden=32), f)
+    out = tmp_path / "converted"
+    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2"], monkeypatch) == 0
+    assert load_config_of(resolve_checkpoint(out)).data.vae == "stabilityai/sd-vae-ft-ema"
+    from racedit.cli import sample_main
+
+    grid = tmp_path / "grid.png"
+    assert sample_main(["--ckpt", str(out), "--classes", "3", "--per-class", "1", "--steps", "2", "--sampler",
+                        "ddim", "--vae", str(standin_vae), "--out", str(grid), "--device", "cpu", "--quiet"]) == 0
+    with Image.open(grid) as img:
+        assert img.size == (64, 64)  # one 8 x 8 latent decoded by the local VAE (downsample 8); no padding

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_config
 from safetensors.torch import load_file
 
 import racedit.training.checkpoint as checkpoint_mod
@@ -300,3 +301,18 @@ def test_metrics_csv_has_a_header_and_one_row_per_logged_step(tiny_config):
     assert [int(r["step"]) for r in rows] == [5, 10, 12]  # every 5 steps, and the last one
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert (Path(result.out_dir) / "tensorboard").is_dir()
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_ema_weights(tmp_path):
+    """train.init_from loads the EMA weights into a fresh run (new optimizer, step 0): with lr 0 the new
+    run's weights stay exactly the source's EMA weights."""
+    from racedit.training.checkpoint import latest_checkpoint, load_weights
+
+    source = train(make_tiny_config(tmp_path / "a"))
+    ema = load_weights(source.checkpoint, "ema")
+    result = train(make_tiny_config(tmp_path / "b", f"train.init_from={tmp_path / 'a'}", "train.steps=2",
+                                    "train.lr=0.0", "train.ckpt_every=0"))
+    assert result.step == 2
+    tuned = load_weights(latest_checkpoint(tmp_path / "b" / "checkpoints"), "model")
+    assert all(torch.equal(tuned[k], ema[k]) for k in ema)
+    assert not all(torch.equal(tuned[k], v) for k, v in load_weights(source.checkpoint, "model").items())

@@ -84,12 +84,47 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups + special if g["params"]]
 
 
+def group_lr_lambda(group: dict, warmup: int, total_steps: int):
+    """The LR multiplier of one optimizer group at scheduler step s: the linear warm-up times the group's
+    own `lr_scale` (default 1), which decays linearly to 1 over the fraction `lr_scale_decay` of
+    `total_steps` when that is > 0 (UltraMem's value-table LR) and is constant otherwise."""
+    scale, decay = float(group.get("lr_scale", 1.0)), float(group.get("lr_scale_decay", 0.0))
+
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        if decay > 0:
+            return warm * (1.0 + (scale - 1.0) * max(0.0, 1.0 - s / (decay * total_steps)))
+        return warm * scale
+
+    return factor
+
+
+def ema_avg_fn(decay: float):
+    """EMA update for AveragedModel: floating tensors move towards the model's; other tensors (integer buffers
+    such as a memory layer's fixed address shuffle) are copied, since averaging would round them."""
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(ema_tensors, model_tensors, n_averaged):
+        if torch.is_floating_point(ema_tensors[0]) or torch.is_complex(ema_tensors[0]):
+            lerp(ema_tensors, model_tensors, n_averaged)
+        else:
+            for e, m in zip(ema_tensors, model_tensors):
+                e.copy_(m)
+
+    return update
+
+
 def _check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> None:
-    """A resumed run must train the same model on the same data with the same objective."""
+    """A resumed run must train the same model on the same data with the same objective.
+
+    Fields that do not change what is trained may differ: the loader's worker count, where the latents
+    are now (a moved directory), and the VAE used only for decoding.
+    """
+    free = {"data.num_workers", "data.latents", "data.vae"}
     for section in ("model", "diffusion", "data"):
         a, b = getattr(saved, section), getattr(cfg, section)
         diff = [f"{section}.{k}: checkpoint {getattr(a, k)!r} vs now {getattr(b, k)!r}"
-                for k in vars(a) if getattr(a, k) != getattr(b, k)]
+                for k in vars(a) if getattr(a, k) != getattr(b, k) and f"{section}.{k}" not in free]
         if diff:
             raise ConfigError(f"cannot resume from {ckpt}: the config differs:\n  " + "\n  ".join(diff))
     if saved.train.global_batch != cfg.train.global_batch or saved.train.seed != cfg.train.seed:
@@ -132,11 +167,12 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     objective = create_objective(cfg.diffusion, model.learn_sigma)
     model.grad_checkpointing = tc.grad_checkpointing
 
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tc.ema_decay), use_buffers=True)
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     warmup = max(tc.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # one schedule per group (memory tables scale their own LR)
+        optimizer, [group_lr_lambda(g, warmup, tc.steps) for g in optimizer.param_groups])
 
     start_step, skipped_total = 0, 0
     if ckpt is not None:
@@ -150,6 +186,9 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
         torch.set_rng_state(state["torch_rng"])
         start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
     else:
+        if tc.init_from:  # fine-tuning: a converted, upcycled or earlier model's EMA weights, fresh optimizer
+            source = resolve_checkpoint(tc.init_from)
+            load_into(model, load_weights(source, "ema"), f"train.init_from={tc.init_from} (EMA weights)")
         ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
 
     ema.to(device)
@@ -211,6 +250,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                     finite = bool(loss_ok) and grad_ok
                     if finite:
                         optimizer.step()
+                        model.after_optimizer_step()  # e.g. UltraMem's Tucker pre-filter refresh
                     optimizer.zero_grad(set_to_none=True)
         # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
         diag = (routing_diagnostics(record, timestep_fraction(objective, draws.t))
@@ -222,6 +262,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
         if finite:
             scheduler.step()
             ema.update_parameters(accelerator.unwrap_model(model))
+            ema.module.after_optimizer_step()  # the EMA's pre-filter follows its own averaged cores
             consecutive_bad = 0
             last_loss = terms_acc["loss"]
         else:
