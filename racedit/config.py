@@ -156,6 +156,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0 = only at the end)
     max_nonfinite: int = 10  # consecutive non-finite losses/gradients before the run stops
     eval_samples_per_class: int = 0  # digits: samples per class for the end-of-run accuracy (0 = off)
+    num_threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 is fastest for tiny models
     init_from: str = ""  # start a new run from this checkpoint's EMA weights (fine-tune converted/upcycled models)
 
 

@@ -139,6 +139,8 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     an interruption) without the end-of-run checkpoint, samples and evaluation.
     """
     tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     # MoE layers may leave parameters without gradient on a rank (the router's target head when
     # per-layer regularization is off), which DDP must be told about.
     moe = bool(resolve_model_config(cfg.model).moe_experts)
