@@ -6,7 +6,9 @@ The sublayer (attention or feed-forward, with its adaLN norm, modulation and gat
 Letters: B images, T tokens, D width, n hyper-connection streams, m frac-connection fractions.
 Stream state h between sublayers:
   residual  (B, T, D)
-  hyper     (B, T, n, D)   n copies of the stream (Hyper-Connections, Zhu et al., ICLR 2025)
+  hyper     (n, B, T, D)   n copies of the stream (Hyper-Connections, Zhu et al., ICLR 2025); stream-major,
+                           so the static mix is one (n+1, n) x (n, B*T*D) matmul: half the memory traffic of
+                           mixing a (B, T, n, D) layout, which is what bounds HC's cost on CPU
   frac      (B, T, D)      viewed as (B, T, m, D/m) fractions (Frac-Connections, Zhu et al., 2025)
 
 Initialisation makes every variant equal the plain residual network: hyper uses A_m = e_{k mod n} (k =
@@ -57,7 +59,7 @@ class _DynamicWeights(nn.Module):
             self.beta_scale = nn.Parameter(torch.tensor(0.01))
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows (B, T, S, row_dim) -> alpha (S, J) or (B, T, S, J), beta (S,) or (B, T, S)."""
+        """rows (..., S, row_dim) -> alpha (S, J) or (..., S, J), beta (S,) or (..., S)."""
         if not self.dynamic:
             return self.static_alpha, self.static_beta
         act = torch.tanh if self.use_tanh else (lambda z: z)
@@ -89,18 +91,20 @@ class HyperConnection(nn.Module):
         self.n, self.dim = n, dim
 
     def width(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """h (B, T, n, D) -> branch input (B, T, D), carry (residual mix (B, T, n, D), beta)."""
-        alpha, beta = self.weights(h)
-        if alpha.ndim == 2:
-            mix = torch.einsum("btsd,sj->btjd", h, alpha.to(h.dtype))
-        else:
-            mix = torch.einsum("btsd,btsj->btjd", h, alpha.to(h.dtype))
-        return mix[:, :, 0], (mix[:, :, 1:], beta.to(h.dtype))
+        """h (n, B, T, D) -> branch input (B, T, D), carry (residual mix (n, B, T, D), beta)."""
+        n = self.n
+        if not self.weights.dynamic:
+            alpha, beta = self.weights.static_alpha.to(h.dtype), self.weights.static_beta.to(h.dtype)
+            mix = (alpha.t() @ h.reshape(n, -1)).view(n + 1, *h.shape[1:])
+            return mix[0], (mix[1:], beta.view(n, 1, 1, 1))
+        alpha, beta = self.weights(h.movedim(0, 2))  # per token: (B, T, n, n+1), (B, T, n)
+        mix = torch.einsum("sbtd,btsj->jbtd", h, alpha.to(h.dtype))
+        return mix[0], (mix[1:], beta.to(h.dtype).permute(2, 0, 1).unsqueeze(-1))
 
     def depth(self, y: torch.Tensor, carry: tuple) -> torch.Tensor:
-        """y (B, T, D) -> stream i gets residual_i + beta_i * y: (B, T, n, D)."""
+        """y (B, T, D) -> stream i gets residual_i + beta_i * y: (n, B, T, D)."""
         residual, beta = carry
-        return residual + beta.unsqueeze(-1) * y.unsqueeze(-2)
+        return residual + beta * y.unsqueeze(0)
 
     def macs(self, num_tokens: int) -> int:
         n = self.n
@@ -151,12 +155,12 @@ def build_connection(cfg, dim: int, sublayer_index: int) -> nn.Module:
 def expand_streams(h: torch.Tensor, cfg) -> torch.Tensor:
     """Embedded tokens (B, T, D) -> the stream state the first block reads."""
     if cfg.connections == "hyper":
-        return h.unsqueeze(2).expand(-1, -1, cfg.connections_n, -1).contiguous()
+        return h.unsqueeze(0).expand(cfg.connections_n, -1, -1, -1).contiguous()
     return h
 
 
 def merge_streams(h: torch.Tensor, cfg) -> torch.Tensor:
     """The last block's stream state -> (B, T, D) for the final layer (hyper: sum over streams)."""
     if cfg.connections == "hyper":
-        return h.sum(dim=2)
+        return h.sum(dim=0)
     return h
