@@ -36,6 +36,20 @@ from racedit.models.records import ForwardRecord  # noqa: E402
 
 CPU_MODELS = ("DiT-S/2", "RaceDiT-S/2-2in8", "RaceDiT-S/2-4in32")
 GPU_MODELS = ("DiT-B/2", "RaceDiT-B/2-4in32")
+# Residual-stream options (issue: hyper/frac-connections), appended to a preset name as "NAME + OPTION".
+CONNECTIONS = {
+    "SHCx2": dict(connections="hyper", connections_n=2),
+    "DHCx2": dict(connections="hyper", connections_n=2, connections_dynamic=True),
+    "DFCx4": dict(connections="frac", connections_m=4, connections_dynamic=True),
+}
+CONNECTION_TABLES = tuple(tuple([base] + [f"{base} + {opt}" for opt in CONNECTIONS])
+                          for base in ("DiT-S/2", "RaceDiT-S/2-2in8"))
+
+
+def build(name: str) -> torch.nn.Module:
+    """A preset, optionally with a residual-stream option: "RaceDiT-S/2-2in8 + SHCx2"."""
+    preset, _, option = (part.strip() for part in name.partition("+"))
+    return create_model(preset, **CONNECTIONS[option]) if option else create_model(preset)
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -53,7 +67,7 @@ class TrainStep:
     def __init__(self, name: str, batch: int, device: torch.device, bf16: bool):
         torch.manual_seed(0)
         self.name = name
-        self.model = create_model(name).to(device).train()
+        self.model = build(name).to(device).train()
         self.optimizer = make_optimizer(self.model)
         self.device, self.bf16 = device, bf16
         channels, side = self.model.in_channels, self.model.input_size
@@ -204,6 +218,9 @@ def main() -> None:
     parser.add_argument("--gpu-batch", type=int, default=64, help="images per train step (GPU table)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    parser.add_argument("--connections", action="store_true",
+                        help="also time dense and Race-DiT S/2 with SHCx2, DHCx2 and DFCx4 connections")
+    parser.add_argument("--only-connections", action="store_true", help="only the connections tables")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -215,8 +232,12 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"# bench/moe_step.py\n\n{machine_line(cpu)}")
     print(f"command: python bench/moe_step.py {' '.join(sys.argv[1:])}".rstrip())
-    layer_table(args, cpu)
-    model_table(CPU_MODELS, args, cpu, bf16=False)
+    if not args.only_connections:
+        layer_table(args, cpu)
+        model_table(CPU_MODELS, args, cpu, bf16=False)
+    if args.connections or args.only_connections:
+        for names in CONNECTION_TABLES:  # the "/ dense" column is then the overhead over the residual model
+            model_table(names, args, cpu, bf16=False)
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         print(f"\n{machine_line(gpu)}")
