@@ -11,15 +11,6 @@ from racedit.diffusion import combine_guidance, guided_model_fn
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class LabelledConv(nn.Module):
     """1x1 conv whose output depends on the label (incl. the null class) and the time; counts its calls."""
 

@@ -15,15 +15,6 @@ BETAS64 = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
 ABAR64 = torch.cumprod(1.0 - BETAS64, dim=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
