@@ -6,7 +6,8 @@ per image, D width, P = p*p*C_out values predicted per token.
 The block follows DiT's adaLN-Zero design: six modulation vectors from the conditioning c (timestep +
 class embedding), LayerNorm without affine (eps 1e-6), and zero-initialised gates so every block is the
 identity at initialisation. The feed-forward part is a slot: the dense MLP, or a Mixture of Experts
-(`racedit.models.moe`). All zero-inits live in `DiT.initialize_weights`.
+(`racedit.models.moe`); an optional memory layer (`racedit.models.memory`) reads the same input beside it
+through its own zero-initialised gate. All zero-inits live in `DiT.initialize_weights`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from timm.models.vision_transformer import Attention, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from racedit.models.connections import ResidualConnection, build_connection, expand_streams, merge_streams
+from racedit.models.memory import build_memory
 from racedit.models.records import ForwardRecord
 
 
@@ -47,9 +49,12 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps (B,) -> (B, D): 256-dim sinusoidal frequency embedding, then a 2-layer MLP."""
+    """Scalar timesteps (B,) -> (B, D): 256-dim sinusoidal frequency embedding, then a 2-layer MLP.
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    `freq_shift` 0 is DiT's frequency ladder; 1 is the one of diffusers' DiTTransformer2DModel.
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
@@ -57,12 +62,16 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """(B,) float timesteps -> (B, dim): cosines of all frequencies, then sines."""
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                           freq_shift: float = 0.0) -> torch.Tensor:
+        """(B,) float timesteps -> (B, dim): cosines of all frequencies exp(-ln(max_period) i / (dim/2 - freq_shift)),
+        then sines."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                          / (half - freq_shift))
         args = t.float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -70,7 +79,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -117,11 +126,14 @@ class DiTBlock(nn.Module):
     input; its output is scaled by the block's zero-initialised gate. `attn_connection` and
     `mlp_connection` (racedit.models.connections) decide how each sublayer reads from and writes to the
     stream state h: plain residual (B, T, D), hyper-connections (B, T, n, D) or frac-connections.
+    `memory` (optional, racedit.models.memory) is called as `memory(u, c, record) -> (B, T, D)` on the same u;
+    it applies its own adaLN gate, and its output is added to the gated feed-forward output before the
+    connection's depth step.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, qk_norm: bool = False,
                  layer_index: int = 0, attn_connection: nn.Module | None = None,
-                 mlp_connection: nn.Module | None = None):
+                 mlp_connection: nn.Module | None = None, memory: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
@@ -130,6 +142,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.attn_connection = attn_connection or ResidualConnection()
         self.mlp_connection = mlp_connection or ResidualConnection()
+        self.memory = memory
         self.layer_index = layer_index
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
@@ -138,7 +151,10 @@ class DiTBlock(nn.Module):
         attn_out = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         h = self.attn_connection.depth(attn_out, carry)
         x, carry = self.mlp_connection.width(h)
-        ff_out = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), record)
+        u = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        ff_out = gate_mlp.unsqueeze(1) * self.mlp(u, record)
+        if self.memory is not None:
+            ff_out = ff_out + self.memory(u, c, record)
         if record is not None:  # Fig. 5 diagnostic: size of what each branch adds to the residual
             record.block_output_norms[self.layer_index] = torch.stack(
                 [attn_out.detach().float().norm(dim=-1).mean(), ff_out.detach().float().norm(dim=-1).mean()])
@@ -149,7 +165,8 @@ class DiTBlock(nn.Module):
         d = self.norm1.normalized_shape[0]
         attention = num_tokens * 4 * d * d + 2 * num_tokens * num_tokens * d  # qkv + proj, QK^T + AV
         connections = self.attn_connection.macs(num_tokens) + self.mlp_connection.macs(num_tokens)
-        return attention + 6 * d * d + self.mlp.macs(num_tokens) + connections
+        memory = self.memory.macs(num_tokens) if self.memory is not None else 0
+        return attention + 6 * d * d + self.mlp.macs(num_tokens) + connections + memory
 
 
 class FinalLayer(nn.Module):
@@ -202,7 +219,7 @@ class DiT(nn.Module):
         d = cfg.hidden_size
 
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, d, bias=True)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=cfg.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table, kept as a frozen parameter as in DiT (so it counts in DiT's parameter table).
@@ -210,7 +227,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([
             DiTBlock(d, cfg.num_heads, build_feedforward(cfg, i), qk_norm=cfg.qk_norm, layer_index=i,
                      attn_connection=build_connection(cfg, d, 2 * i),
-                     mlp_connection=build_connection(cfg, d, 2 * i + 1))
+                     mlp_connection=build_connection(cfg, d, 2 * i + 1), memory=build_memory(cfg, i))
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
@@ -238,6 +255,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             if hasattr(block.mlp, "initialize_weights"):
                 block.mlp.initialize_weights()
+            if block.memory is not None:  # tables, keys, cores; then its gate to zero: memory starts off
+                block.memory.initialize_weights()
+                block.memory.zero_init_gate()
             # adaLN-Zero: zero modulation, so every gate is 0 and every block is the identity.
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -245,6 +265,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def after_optimizer_step(self) -> None:
+        """Upkeep outside autograd after each optimizer step (UltraMem's Tucker pre-filter refresh): visits the
+        submodules that define `after_optimizer_step`. The training loop calls it on the model and its EMA."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C_out) -> (B, C_out, H, W)."""
