@@ -1,0 +1,158 @@
+"""The ablation runner (racedit.evaluation.ablation): grid parsing, fairness, resumability, the report."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY
+
+from racedit.config import load_config
+from racedit.evaluation import ablation
+from racedit.evaluation.ablation import (
+    ComputeMismatchError,
+    GridError,
+    config_diff,
+    load_grid,
+    resolve_variants,
+    run_grid,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A tiny Expert Race model on the digits: 2 blocks, 32 wide, 2-in-8 experts (batch 16 x 16 tokens).
+MOE = ["model.name=RaceDiT-S/2-2in8", "train.steps=8", "train.ckpt_every=4", "train.log_every=2"]
+
+
+def _write_grid(tmp_path: Path, name: str = "tiny", **spec) -> Path:
+    base = tmp_path / "base.yaml"
+    if not base.exists():
+        base.write_text("model:\n  name: DiT-S/2\n")
+    grid = {"name": name, "base": "base.yaml", "overrides": [*TINY, *MOE],
+            "eval": {"kind": "digits", "samples_per_class": 2}, **spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+TWO = {"variants": [{"name": "race", "overrides": {"model.routing": "expert_race"}, "reference": 8.03},
+                    {"name": "token", "overrides": {"model.routing": "token_choice", "model.gating": "softmax"}}]}
+
+
+def test_grid_runs_end_to_end_skips_finished_and_writes_report(tmp_path, monkeypatch):
+    grid = _write_grid(tmp_path, **TWO)
+    out = tmp_path / "out"
+    result = run_grid(grid, out, log=lambda *a: None)
+    assert result.status == {"race": "trained", "token": "trained"}
+    for f in ("results.csv", "results.md", "loss_curves.png", "metric_vs_macs.png"):
+        assert (out / f).is_file(), f
+    for png in ("loss_curves.png", "metric_vs_macs.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows} == {"race", "token"}
+    fd = [float(r["digits_fd"]) for r in rows]
+    assert fd == sorted(fd)  # sorted by the main metric, lower is better
+    for r in rows:
+        assert int(r["steps"]) == 8 and float(r["macs"]) > 0 and float(r["params_activated"]) > 0
+        assert 0.0 <= float(r["sample_class_accuracy"]) <= 1.0 and float(r["final_loss"]) > 0
+        assert r["routing/maxvio"] != ""  # routing diagnostics from the metrics.csv header
+    md = (out / "results.md").read_text()
+    assert "`race`" in md and "`token`" in md
+    assert "baseline" in md and "paper" in md and "8.03" in md
+    assert (out / "race" / "done.json").is_file()
+
+    # A rerun trains nothing: both variants are skipped and the report is rewritten from done.json.
+    def no_training(*a, **k):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr("racedit.training.loop.train", no_training)
+    again = run_grid(grid, out, log=lambda *a: None)
+    assert again.status == {"race": "skipped", "token": "skipped"}
+    assert {r["variant"] for r in again.rows} == {"race", "token"}
+    # ... but a finished variant whose config changed since is refused, naming the key
+    with pytest.raises(GridError, match=r"race.*train.lr"):
+        run_grid(grid, out, extra=["train.lr=0.5"], log=lambda *a: None)
+
+
+def test_interrupted_variant_resumes_bit_for_bit(tmp_path):
+    spec = {"variants": [{"name": "race", "overrides": {}}]}
+    grid = _write_grid(tmp_path, eval={"kind": "none"}, **spec)
+    cut = run_grid(grid, tmp_path / "cut", stop_after=4, log=lambda *a: None)  # "crash" after 4 of 8 steps
+    assert cut.status == {"race": "incomplete"} and not (tmp_path / "cut" / "race" / "done.json").exists()
+    resumed = run_grid(grid, tmp_path / "cut", log=lambda *a: None)
+    assert resumed.status == {"race": "resumed"}
+    assert resumed.rows[0]["resumed_from_step"] == 4
+    straight = run_grid(grid, tmp_path / "straight", log=lambda *a: None)
+    assert resumed.rows[0]["final_total_loss"] == straight.rows[0]["final_total_loss"]
+    assert resumed.rows[0]["final_loss_smoothed"] == straight.rows[0]["final_loss_smoothed"]
+
+
+def test_compute_guard_names_the_variants(tmp_path):
+    bad = {"variants": [{"name": "narrow", "overrides": {}},
+                        {"name": "wide", "overrides": {"model.mlp_ratio": 8.0}},
+                        {"name": "same", "overrides": {"model.gating": "sigmoid"}}]}
+    grid = _write_grid(tmp_path, **bad)
+    with pytest.raises(ComputeMismatchError) as err:
+        run_grid(grid, tmp_path / "out", log=lambda *a: None)
+    msg = str(err.value)
+    assert "wide" in msg and "narrow" in msg and "same" not in msg and "allow_compute_mismatch" in msg
+    assert not (tmp_path / "out" / "narrow").exists()  # refused before anything trained
+    # explicitly allowed, or within a wider tolerance: no error
+    ok = load_grid(_write_grid(tmp_path, name="ok", allow_compute_mismatch=True, **bad))
+    ablation.check_compute(ok, {n: ablation.variant_accounting(c) for n, c in resolve_variants(ok).items()})
+    loose = load_grid(_write_grid(tmp_path, name="loose", mac_tolerance=10.0, **bad))
+    ablation.check_compute(loose, {n: ablation.variant_accounting(c) for n, c in resolve_variants(loose).items()})
+
+
+def test_variants_differ_only_in_their_overrides(tmp_path):
+    axes = {"axes": {"model.gating": ["identity", "softmax"],
+                     "size": [{"name": "1in4", "overrides": {"model.moe_k": 1, "model.moe_experts": 4}},
+                              {"name": "4in16", "overrides": {"model.moe_k": 4, "model.moe_experts": 16}}]}}
+    grid = load_grid(_write_grid(tmp_path, variants=[{"name": "plain", "overrides": {}}], **axes))
+    assert [v.name for v in grid.variants] == ["plain", "identity-1in4", "identity-4in16", "softmax-1in4",
+                                               "softmax-4in16"]
+    configs = resolve_variants(grid, tmp_path / "out")
+    base = load_config(tmp_path / "base.yaml", [*TINY, *MOE, "train.eval_samples_per_class=2"])
+    for v in grid.variants:
+        diff = config_diff(base, configs[v.name])
+        diff.pop("train.out_dir")
+        assert configs[v.name].train.out_dir == str(tmp_path / "out" / v.name)
+        expected = {o.split("=")[0] for o in v.overrides}
+        changed = {k for k, (a, b) in diff.items()}
+        assert changed <= expected, (v.name, diff)
+        assert all(str(diff[k][1]) == o.split("=", 1)[1] for o in v.overrides if (k := o.split("=")[0]) in diff)
+    # the shared budget stays shared: same seed, steps, batch, sampling in every variant
+    assert len({(c.train.seed, c.train.steps, c.train.global_batch, c.sample.steps) for c in configs.values()}) == 1
+
+
+def test_bad_grids_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(GridError, match="train.seed"):
+        load_grid(_write_grid(tmp_path, variants=[{"name": "a", "overrides": {"train.seed": 3}}]))
+    with pytest.raises(GridError, match="unknown key"):
+        load_grid(_write_grid(tmp_path, variants=[{"name": "a"}], colour="red"))
+    with pytest.raises(GridError, match="duplicate"):
+        load_grid(_write_grid(tmp_path, variants=[{"name": "a"}, {"name": "a"}]))
+    g = load_grid(_write_grid(tmp_path, variants=[{"name": "ec", "overrides": {"model.routing": "expert_choice",
+                                                                               "model.moe_experts": 3}}]))
+    with pytest.raises(GridError, match="ec"):
+        resolve_variants(g)
+    g = load_grid(_write_grid(tmp_path, variants=[{"name": "typo", "overrides": {"model.routng": "x"}}]))
+    with pytest.raises(GridError, match="typo.*routng"):
+        resolve_variants(g)
+
+
+def test_shipped_grids_load_and_are_at_equal_compute():
+    root = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+    grids = sorted(root.glob("*.yaml"))
+    assert {"routing", "gating", "ladder", "granularity", "connections"} <= {g.stem for g in grids}
+    for path in grids:
+        grid = load_grid(path)
+        configs = resolve_variants(grid)
+        # B/2 models (even on the meta device) take a while to build: of the ImageNet grids, check the two
+        # whose variants change the model's size; the others differ only in routing, gating and losses.
+        if path.stem.endswith("_imagenet") and not path.stem.startswith(("granularity", "connections")):
+            continue
+        ablation.check_compute(grid, {n: ablation.variant_accounting(c) for n, c in configs.items()})
