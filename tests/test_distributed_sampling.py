@@ -80,14 +80,17 @@ def test_two_processes_resume_and_match_a_single_process_run(tiny_checkpoint, tm
 
     # 2. resumed by 2 CPU processes under accelerate launch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for _attempt in range(2):  # a second try only if another program took the rendezvous port meanwhile
+    # Retry only on transient rendezvous failures (port taken meanwhile; gloo's TCP store reset under heavy
+    # load). A retry is itself a resume, so it does not weaken what the test checks.
+    transient = ("address already in use", "connection reset", "connection refused")
+    for _attempt in range(3):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(ROOT / "sample.py"), "--ckpt", str(tiny_checkpoint),
                "--per-class", str(PER_CLASS), "--seed", str(SEED), "--batch-size", str(BATCH), "--out", str(out),
                "--device", "cpu", "--quiet"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if run.returncode == 0 or "address already in use" not in run.stderr.lower():
+        if run.returncode == 0 or not any(m in run.stderr.lower() for m in transient):
             break
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert out.exists() and not parts.exists()
