@@ -25,7 +25,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check racedit tests bench eval train.py sample.py
 
 bench: $(STAMP)
-	$(BIN)/python bench/moe_step.py
+	$(BIN)/python bench/moe_step.py --connections
+	$(BIN)/python bench/memory_step.py
+	$(BIN)/python bench/latents.py
 
 clean:
 	rm -rf $(VENV) runs .cache
