@@ -505,8 +505,7 @@ def _evaluate(grid: Grid, cfg: Config, checkpoint: Path, run_dir: Path, device: 
     if grid.eval.kind == "digits":
         from racedit.evaluation.demo import evaluate_digits_model
 
-        out = evaluate_digits_model(cfg, loaded.model, loaded.objective, device)
-        return {k: v for k, v in out.items() if k != "eval_samples"} | {"eval_samples": out["eval_samples"]}
+        return evaluate_digits_model(cfg, loaded.model, loaded.objective, device)
     from racedit.evaluation.fid import EvalSettings, evaluate
     from racedit.sampling import write_samples_npz
 
@@ -772,7 +771,7 @@ def _markdown(grid: Grid, rows: list[dict], configs: dict[str, Config] | None, c
              f"Grid time (train + eval, summed over variants): {total_wall / 60:.1f} min on {_machine()}.",
              "", "![training loss](loss_curves.png)", "", f"![{m} vs activated MACs](metric_vs_macs.png)", ""]
     if pending:
-        text += [f"Not finished yet: {', '.join(pending)}.", ""]
+        text += [f"Not in this table (not run yet, or unfinished): {', '.join(pending)}.", ""]
     return "\n".join(text)
 
 
