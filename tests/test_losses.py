@@ -359,7 +359,7 @@ def test_global_scope_losses_equal_the_concatenated_batch_and_average_to_its_gra
             for process in context.processes:
                 process.kill()
             pytest.fail("the two gloo workers did not finish within 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     logits, mask = global_inputs()
     for name, fn in (("rsl", router_similarity_loss), ("bal", balance_loss)):
         whole = logits.clone().requires_grad_(True)

@@ -77,7 +77,7 @@ def test_two_processes_equal_one_and_resume_on_one(latents, tmp_path):
     ref_dir, mp_dir = tmp_path / "one", tmp_path / "two"
 
     mp.spawn(worker, args=(2, free_port(), [*base, f"train.out_dir={mp_dir}"], str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
     assert all(r["device_index"] == 0 for r in ranks)  # LOCAL_RANK, not the global rank
 

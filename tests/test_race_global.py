@@ -73,7 +73,7 @@ def test_global_race_equals_single_process_on_concatenated_batch(tmp_path):
             for process in context.processes:
                 process.kill()
             pytest.fail("the two gloo workers did not finish within 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     u, ties = make_batch()
     single = make_layer()

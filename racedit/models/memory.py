@@ -67,6 +67,7 @@ memory and step time. Measurements: docs/memory.md (bench/memory_step.py).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -286,7 +287,7 @@ class TuckerRetrieval(nn.Module):
         return query + keys + prefilter + candidates + rescore
 
 
-class MemoryLayer(nn.Module):
+class MemoryLayer(nn.Module, ABC):  # ABC: `read` is each kind's own
     """Base: `forward(u (B, T, D), c (B, D), record) -> gate(c) * read(u)` (B, T, D).
 
     Subclasses define `read(x (Q, D)) -> (out (Q, D), physical slots (Q, J))` and `read_macs_per_token()`.
@@ -306,11 +307,13 @@ class MemoryLayer(nn.Module):
         nn.init.zeros_(self.adaLN_gate[-1].weight)
         nn.init.zeros_(self.adaLN_gate[-1].bias)
 
+    @abstractmethod
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Memory read of x (N, D): the kind's retrieval and value pooling (subclasses)."""
 
+    @abstractmethod
     def read_macs_per_token(self) -> int:
-        raise NotImplementedError
+        """Forward MACs of one token's read (subclasses)."""
 
     def forward(self, u: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
         """u (B, T, D), c (B, D) -> (B, T, D). Fills record.memory[layer_index] with "slots_touched" (a ()
