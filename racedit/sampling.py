@@ -66,22 +66,35 @@ def sample_images(model: DiT, objective: Objective, codec: Codec, labels: torch.
                   seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Images (N, C, H, W) in data space for labels (N,); the noise of sample i depends only on (seed, i)
     and the batch it is in, so the same call gives the same images."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        noise = torch.randn((len(y), *_sample_shape(model)), generator=g)
+        step_noise = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # DDPM's per-step noise
+        out.append(_generate_decoded(model, objective, codec, y, noise, step_noise, sample_cfg, progress))
+    return torch.cat(out)
+
+
+def _sample_shape(model: DiT) -> tuple[int, int, int]:
+    return model.in_channels, model.input_size, model.input_size
+
+
+def _generate_decoded(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, noise: torch.Tensor,
+                      generator, sample_cfg: SampleConfig, progress: bool = False) -> torch.Tensor:
+    """The sampling core: eval mode, `generate` from `noise` (B, C, H, W), decode; images (B, ...) on the CPU.
+    `generator` (one, or one per sample) drives any sampler step noise."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    shape = (model.in_channels, model.input_size, model.input_size)
-    for start in range(0, len(labels), batch_size):
-        y = labels[start:start + batch_size].to(device)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((len(y), *shape), generator=g).to(device)
-        step_noise = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # DDPM's per-step noise
-        z = generate(model, objective, y, sampler=sample_cfg.sampler, steps=sample_cfg.steps,
+    try:
+        z = generate(model, objective, labels.to(device), sampler=sample_cfg.sampler, steps=sample_cfg.steps,
                      cfg_scale=sample_cfg.cfg_scale, guidance_channels=sample_cfg.guidance_channels,
-                     shape=shape, noise=noise, generator=step_noise, progress=progress)
-        out.append(codec.decode(z).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+                     shape=_sample_shape(model), noise=noise.to(device), generator=generator, progress=progress)
+        return codec.decode(z).float().cpu()
+    finally:
+        model.train(was_training)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -148,19 +161,9 @@ def sample_indexed(model: DiT, objective: Objective, codec: Codec, labels: torch
     generator seeded by `sample_seed(seed, i)`, so sample i does not depend on the batch it lands in, the
     number of processes, resuming, or the device the noise is moved to.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    shape = (model.in_channels, model.input_size, model.input_size)
     gens = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    try:
-        z = generate(model, objective, labels.to(device), sampler=sample_cfg.sampler, steps=sample_cfg.steps,
-                     cfg_scale=sample_cfg.cfg_scale, guidance_channels=sample_cfg.guidance_channels, shape=shape,
-                     noise=noise.to(device), generator=gens)
-        return codec.decode(z).float().cpu()
-    finally:
-        model.train(was_training)
+    noise = torch.stack([torch.randn(_sample_shape(model), generator=g) for g in gens])
+    return _generate_decoded(model, objective, codec, labels, noise, gens, sample_cfg)
 
 
 def _parts_dir(out: Path) -> Path:

@@ -57,7 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight matrices decay; biases, norms, embeddings and `no_weight_decay` names do not.
 
     A module may define `no_weight_decay() -> set[str]` of its own parameter names (static connection
-    weights, for instance) and `optimizer_groups(named_params) -> list[dict]` for parameters that need their
+    weights, for instance) and `optimizer_groups() -> list[dict]` for parameters that need their
     own learning rate (memory value tables); those parameters are taken out of the default groups.
     """
     special: list[dict] = []
@@ -241,14 +241,18 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                 record = ForwardRecord()
                 terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
                 accelerator.backward(terms["loss"])
-                for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+                for k, v in terms.items():  # kept on the device: no host sync per term
+                    terms_acc[k] = terms_acc.get(k, 0.0) + v.detach().double() / tc.grad_accum
                 if accelerator.sync_gradients:
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(train_model.parameters(), max_norm)
+                    # the step's one host sync: every logged term and the gradient norm together
+                    keys = list(terms_acc)
+                    values = torch.stack([terms_acc[k] for k in keys] + [grad_norm.double()]).tolist()
+                    terms_acc, grad_norm = dict(zip(keys, values[:-1])), values[-1]
                     loss_ok = torch.tensor(float(math.isfinite(terms_acc["loss"])), device=device)
                     loss_ok = accelerator.reduce(loss_ok, reduction="mean") == 1.0
-                    grad_ok = tc.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+                    grad_ok = tc.mixed_precision == "fp16" or math.isfinite(grad_norm)
                     finite = bool(loss_ok) and grad_ok
                     if finite:
                         optimizer.step()
@@ -280,7 +284,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
         steps_since_log += 1
         for k, v in terms_acc.items():
             window.setdefault(k, []).append(v)
-        window.setdefault("grad_norm", []).append(float(grad_norm))
+        window.setdefault("grad_norm", []).append(grad_norm)
         bar.update(1)
         if step % tc.log_every == 0 or step == end_step or diag:
             now = time.perf_counter()
