@@ -7,8 +7,9 @@
 Extraction runs the real `extract_latents` on a generated ImageFolder with a tiny random-init VAE (and, on
 a GPU, with a random-init VAE of SD-VAE's architecture). Reads use a synthetic store of ImageNet-256
 latent shape (4 x 32 x 32, both flips, mean + std, float16) written in the documented shard format, read
-through a DataLoader whose batch sampler is the training loader's (`KeyedMicroBatches`), so the numbers
-include the flip, the posterior sample, collation and worker transfer. Target: > 20,000 samples/s on
+through the training loader's DataLoader (`LatentBatches` items drawn by `KeyedMicroBatches`), and through
+the generic per-sample one for comparison, so the numbers include the flip, the posterior sample,
+collation and worker transfer. Target: > 20,000 samples/s on
 2 CPU cores (DiT-XL/2 at > 500 img/s needs far less). Prints one table; no assertion.
 """
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from racedit.data.factory import KeyedMicroBatches
 from racedit.data.images import write_standin_image_folder
-from racedit.data.latents import FORMAT, LatentDataset, extract_latents, save_standin_vae
+from racedit.data.latents import FORMAT, LatentBatches, LatentDataset, extract_latents, save_standin_vae
 from racedit.training.batches import ResumableBatchOrder
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
@@ -102,14 +103,24 @@ def _cpu_seconds(proc) -> float:
     return total
 
 
-def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, batches: int) -> tuple[float, float]:
-    """(samples per wall second, samples per CPU second over the main process and its workers)."""
+def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, batches: int,
+                per_sample_collate: bool = False) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second over the main process and its workers).
+
+    The training loader's DataLoader (`LatentBatches`, whole batches per item), or with
+    `per_sample_collate` the generic one (`batch_sampler` over `LatentDataset`: split into samples and
+    re-stacked by the default collate)."""
     import psutil
 
     ds = LatentDataset(store, sample_posterior=sample_posterior)
     order = ResumableBatchOrder(len(ds), batch, seed=0)
-    loader = DataLoader(ds, batch_sampler=KeyedMicroBatches(order, 0), num_workers=workers,
-                        prefetch_factor=4 if workers else None)
+    prefetch = 4 if workers else None
+    if per_sample_collate:
+        loader = DataLoader(ds, batch_sampler=KeyedMicroBatches(order, 0), num_workers=workers,
+                            prefetch_factor=prefetch)
+    else:
+        loader = DataLoader(LatentBatches(ds), batch_size=None, sampler=KeyedMicroBatches(order, 0),
+                            num_workers=workers, prefetch_factor=prefetch)
     it = iter(loader)
     for _ in range(max(2, 2 * workers)):  # warm-up: workers started, first pages mapped
         next(it)
@@ -146,15 +157,18 @@ def main() -> None:
                 rows.append((f"extract, SD-VAE-sized random VAE, 256 px, {torch.cuda.get_device_name()} {dtype}",
                              f"{ips:,.1f} img/s"))
         store = write_synthetic_store(root / "store", args.num_latents, args.shard_rows)
-        for posterior in (True, False):
-            for w in args.workers:
-                sps, per_cpu = bench_reads(store, args.batch, w, posterior, args.batches)
-                what = "posterior sample" if posterior else "mean only"
-                rows.append((f"LatentDataset read, 4x32x32 fp16, batch {args.batch}, {what}, workers={w}",
-                             f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
+        for collate in (False, True):
+            for posterior in (True, False):
+                for w in args.workers:
+                    sps, per_cpu = bench_reads(store, args.batch, w, posterior, args.batches, collate)
+                    what = "posterior sample" if posterior else "mean only"
+                    how = "per-sample collate" if collate else "LatentBatches (training)"
+                    rows.append((f"read {how}, batch {args.batch}, {what}, workers={w}",
+                                 f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
     width = max(len(r[0]) for r in rows)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"reads: synthetic ImageNet-256 store, {args.num_latents:,} rows of 4x32x32 float16 moments (both flips)")
     print(f"{'benchmark'.ljust(width)} | throughput")
     print(f"{'-' * width}-|-----------")
     for name, value in rows:

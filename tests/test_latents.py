@@ -20,6 +20,7 @@ from racedit.data.factory import KeyedMicroBatches, LatentTrainingData, build_co
 from racedit.data.images import ImageFolder, load_image, to_model_range, write_standin_image_folder
 from racedit.data.latents import (
     KeyedIndices,
+    LatentBatches,
     LatentDataset,
     LatentStoreError,
     extract_latents,
@@ -188,6 +189,9 @@ def test_dataset_randomness_depends_only_on_seed_epoch_and_index(store):
     assert torch.equal(ds[29][0], x[2]) and ds[29][1] == int(ds.labels[29])
     got = ds.__getitems__(KeyedIndices(idx, epoch=5))
     assert torch.equal(torch.stack([g[0] for g in got]), x)
+    shared, _ = ds.read(idx, epoch=5, shared=True)  # what a DataLoader worker returns: same values
+    assert shared.is_shared() and not x.is_shared() and torch.equal(shared, x)
+    assert ds.read([], epoch=5, shared=True)[0].shape == (0, 4, 4, 4)
     with pytest.raises(IndexError):
         ds.read([30])
 
@@ -202,6 +206,11 @@ def test_dataset_with_dataloader_and_two_workers(store):
     y = torch.cat([b[1] for b in batches])
     assert torch.equal(y, ds.labels)
     assert torch.equal(x, ds.read(np.arange(30), epoch=2)[0])
+    # whole batches per item (LatentBatches), keyed by the epoch the index list carries
+    keyed = [KeyedIndices([4, 9, 0], epoch=2), KeyedIndices([29, 5], epoch=7)]
+    got = list(DataLoader(LatentBatches(ds), batch_size=None, sampler=keyed, num_workers=2))
+    assert torch.equal(got[0][0], x[[4, 9, 0]]) and torch.equal(got[0][1], ds.labels[[4, 9, 0]])
+    assert torch.equal(got[1][0], ds.read([29, 5], epoch=7)[0]) and not torch.equal(got[1][0], x[[29, 5]])
     # item-wise access through workers too (no batch_size: __getitem__)
     items = list(DataLoader(ds, batch_size=None, sampler=[3, 17], num_workers=2))
     assert torch.equal(items[1][0], x[17]) and int(items[1][1]) == int(ds.labels[17])
@@ -217,6 +226,9 @@ def test_training_loader_is_resumable_and_the_same_for_any_number_of_processes(s
     one = ResumableBatchOrder(30, global_batch, 4)
     it = data.loader(one, 0, "cpu")
     single = [next(it) for _ in range(steps)]
+    for s in range(steps):  # the loader serves exactly what the dataset reads for the step's indices
+        x, y = data.dataset.read(one.step_indices(s)[0], epoch=s // one.steps_per_epoch)
+        assert torch.equal(single[s][0], x) and torch.equal(single[s][1], y)
     # two processes with two accumulation micro-batches each: concatenating (a, r) in order gives the batch
     parts = []
     for rank in range(2):

@@ -47,8 +47,9 @@ class TrainingData:
 
 
 class KeyedMicroBatches:
-    """A DataLoader `batch_sampler`: the micro-batches of `order` from `start_step` on (the same lists as
-    `order.micro_batches`), each a `KeyedIndices` carrying its epoch, the key of the per-sample draws."""
+    """The micro-batches of `order` from `start_step` on (the same lists as `order.micro_batches`), each a
+    `KeyedIndices` carrying its epoch, the key of the per-sample draws. A DataLoader takes it as the
+    `batch_sampler` of a `LatentDataset`, or as the `sampler` of `LatentBatches` (what training does)."""
 
     def __init__(self, order, start_step: int):
         self.order, self.start_step = order, start_step
@@ -89,10 +90,13 @@ class LatentTrainingData:
         return self.dataset.latent_shape[-1]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from racedit.data.latents import LatentBatches
+
         device = torch.device(device)
         workers = self.num_workers
-        dl = DataLoader(self.dataset, batch_sampler=KeyedMicroBatches(order, start_step), num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        # whole micro-batches per item (batch_size=None): read once, no per-sample split and re-collate
+        dl = DataLoader(LatentBatches(self.dataset), batch_size=None, sampler=KeyedMicroBatches(order, start_step),
+                        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         persistent_workers=False)
         for x, y in dl:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

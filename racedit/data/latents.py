@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 from tqdm.auto import tqdm
 
 from racedit.data.codec import AutoencoderKLCodec
@@ -426,7 +427,8 @@ class LatentDataset(Dataset):
     `set_epoch` (like DistributedSampler), or let the batch sampler pass it (`KeyedIndices`).
 
     `__getitems__` reads a whole batch with one fancy index per shard, which a DataLoader uses
-    automatically (batch_sampler or batch_size); `read(indices)` returns the batch already stacked.
+    automatically (batch_sampler or batch_size); `read(indices)` returns the batch already stacked, and
+    `LatentBatches` serves such stacked batches to a DataLoader without the per-sample collate (faster).
     The shards open lazily in each process, so the dataset pickles small and works with num_workers > 0.
     `.labels` (N,) int64, `.classes`, `.num_classes`, `.latent_shape` (c, h, w), `.manifest`.
     """
@@ -466,8 +468,11 @@ class LatentDataset(Dataset):
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _moments=None, _gen=None, _scratch=None)
 
-    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: x (n, c, h, w) float32, y (n,) int64 for dataset indices (n,) under randomness key `epoch`."""
+    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None,
+             shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: x (n, c, h, w) float32, y (n,) int64 for dataset indices (n,) under randomness key `epoch`.
+
+        `shared` puts x in shared memory, so a DataLoader worker hands it over without a copy."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n_all = len(self)
         if len(idx) and (idx.min() < 0 or idx.max() >= n_all):
@@ -487,13 +492,13 @@ class LatentDataset(Dataset):
                 sel = shard == s
                 picked[sel] = moments[s][row[sel], flips[sel]]
         t = torch.from_numpy(np.ascontiguousarray(picked))
+        x = _empty((len(idx), *self.latent_shape), shared)
         if not (self.sample_posterior and len(idx)):
-            return t[:, 0].float(), self.labels[torch.from_numpy(idx)]
+            return x.copy_(t[:, 0]), self.labels[torch.from_numpy(idx)]
         if self._gen is None:
             self._gen = torch.Generator()
         with np.errstate(over="ignore"):
             seeds = _splitmix(draws).tolist()  # a second hash: the noise seed is independent of the flip bit
-        x = torch.empty((len(idx), *self.latent_shape), dtype=torch.float32)
         gen, shape = self._gen, self.latent_shape
         for seed, eps in zip(seeds, x.unbind(0)):  # eps written in place, then x = mean + std * eps
             gen.manual_seed(seed)
@@ -501,7 +506,7 @@ class LatentDataset(Dataset):
         if self._scratch is None or self._scratch.shape != t.shape:  # reused: no fresh pages per batch
             self._scratch = torch.empty(t.shape, dtype=torch.float32)
         moments = self._scratch.copy_(t)
-        x.mul_(moments[:, 1]).add_(moments[:, 0])
+        torch.addcmul(moments[:, 0], moments[:, 1], x, out=x)  # elementwise, so in place is safe
         return x, self.labels[torch.from_numpy(idx)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -515,6 +520,36 @@ class LatentDataset(Dataset):
     def __repr__(self) -> str:
         return (f"LatentDataset(root={str(self.root)!r}, n={len(self)}, latent_shape={self.latent_shape}, "
                 f"classes={self.num_classes}, sample_posterior={self.sample_posterior}, flip={self.flip})")
+
+
+class LatentBatches(Dataset):
+    """A `LatentDataset` whose items are whole batches: `batches[indices]` -> `dataset.read(indices, epoch)`,
+    x (n, c, h, w) float32 and y (n,) int64, with `epoch` taken from `KeyedIndices` when it carries one.
+
+    Use it with `DataLoader(LatentBatches(ds), batch_size=None, sampler=<yields index lists>)`. The batch
+    is built once by `read` and handed over as is: no split into n samples and no re-stack by the collate
+    function, which costs as much as the read itself (bench/latents.py). `len` counts samples, not batches.
+    """
+
+    def __init__(self, dataset: LatentDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        in_worker = get_worker_info() is not None
+        return self.dataset.read(indices, getattr(indices, "epoch", None), shared=in_worker)
+
+
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor; with `shared`, in shared memory from the start. A worker's
+    result that is not shared gets copied into shared memory when it is sent (about a third of a posterior
+    read, bench/latents.py); torch's own default_collate allocates its batches in the same way."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.float32.itemsize)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
 # --- A stand-in VAE for smoke tests, docs and benchmarks (no network) -----------------------------------
