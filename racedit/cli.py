@@ -65,6 +65,11 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=None,
                         help="npz: stop after this many batches per process (time-limited jobs); re-run to continue")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA")
+    parser.add_argument("--calibrate-threshold", type=int, default=0, metavar="N",
+                        help="Expert Race models: recalibrate the inference threshold of the sampled weights on N "
+                             "training batches first (e.g. 100; reads the training data the config names)")
+    parser.add_argument("--calibration-batch", type=int, default=None,
+                        help="batch size of --calibrate-threshold (default: the config's train.global_batch)")
     parser.add_argument("--vae", default=None,
                         help="latent models: VAE hub id or local directory (default: the one in the checkpoint's "
                              "config or latent manifest)")
@@ -100,10 +105,14 @@ def sample_main(argv: list[str] | None = None) -> int:
         device = device or str(state.device)
     device = device or ("cuda" if _cuda() else "cpu")
     try:
-        loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device, vae=args.vae)
-    except (CheckpointError, ConfigError) as e:  # ConfigError: a saved config that builds no model
+        loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=device, vae=args.vae,
+                                   calibrate_threshold=args.calibrate_threshold,
+                                   calibration_batch=args.calibration_batch, progress=not args.quiet)
+    except (CheckpointError, ConfigError, ValueError) as e:  # ConfigError: a saved config that builds no model
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if loaded.threshold_calibration is not None and not args.quiet and (state is None or state.is_main_process):
+        print(loaded.threshold_calibration.summary())
     scfg = sample_config_with(loaded.config.sample, sampler=args.sampler, steps=args.steps,
                               cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels)
     try:

@@ -26,6 +26,12 @@ from racedit.data.codec import Codec
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
 from racedit.models import DiT, create_model
+from racedit.training.calibration import (
+    ThresholdCalibration,
+    calibrate_thresholds,
+    threshold_layers,
+    training_batches,
+)
 from racedit.training.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
 
 
@@ -39,14 +45,20 @@ class LoadedCheckpoint:
     config: Config
     path: Path
     weights: str  # "ema" or "model"
+    threshold_calibration: ThresholdCalibration | None = None  # set when tau was recalibrated after loading
 
 
 def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
-                      vae: str | None = None) -> LoadedCheckpoint:
+                      vae: str | None = None, calibrate_threshold: int = 0, calibration_batch: int | None = None,
+                      calibration_seed: int = 0, progress: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint (EMA weights by default) into an eval-mode model.
 
-    Raises `CheckpointError` with a readable message for a missing path or a checkpoint that does not
-    fit the model its config describes.
+    `calibrate_threshold` > 0 recalibrates the inference threshold tau of the loaded weights on that many
+    training batches of `calibration_batch` (default: the config's train.global_batch) from the data the
+    config names (`racedit.training.calibration`); the EMA weights otherwise sample with the tau that
+    tracked the live weights. Raises `CheckpointError` with a readable message for a missing path or a
+    checkpoint that does not fit the model its config describes, and ValueError for a calibration
+    request on a model without threshold routing.
     """
     from racedit.data.factory import build_codec
 
@@ -57,8 +69,14 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     load_into(model, load_weights(ckpt, which), f"checkpoint {ckpt} ({which} weights)")
     model.to(device).eval()
     objective = create_objective(cfg.diffusion, model.learn_sigma)
+    calibration = None
+    if calibrate_threshold:
+        batch = calibration_batch or cfg.train.global_batch
+        data = training_batches(cfg, batch, calibration_seed, device)
+        calibration = calibrate_thresholds(model, objective, data, calibrate_threshold,
+                                           model.config.class_dropout_prob, seed=calibration_seed, progress=progress)
     # `vae` (hub id or local dir) overrides the VAE named in the config or the latent manifest.
-    return LoadedCheckpoint(model, objective, build_codec(cfg, vae=vae).to(device), cfg, ckpt, which)
+    return LoadedCheckpoint(model, objective, build_codec(cfg, vae=vae).to(device), cfg, ckpt, which, calibration)
 
 
 @torch.no_grad()
@@ -364,6 +382,8 @@ def sampling_metadata(loaded: LoadedCheckpoint, sample_cfg: SampleConfig, **extr
             "guidance_channels": sample_cfg.guidance_channels or "all",
             "cfg_batching": "cond and uncond halves in one forward" if sample_cfg.cfg_scale != 1.0 else "no uncond pass",
             "inference_routing": m.inference_routing if m.moe_experts else "dense",
+            "threshold": (loaded.threshold_calibration.metadata() if loaded.threshold_calibration is not None
+                          else "from training" if threshold_layers(loaded.model) else "none"),
             "codec": type(loaded.codec).__name__, "vae": getattr(loaded.codec, "vae_id", None),
             "dtype": str(next(loaded.model.parameters()).dtype), **extra}
 

@@ -401,13 +401,15 @@ def default_out_dir(ckpt: Path) -> Path:
 
 def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, timesteps: int = 10,
                    classes: list[int] | None = None, per_class: int = 4, seed: int = 0, batch_size: int = 64,
-                   device: str | torch.device = "cpu", use_ema: bool = True,
-                   progress: bool = False) -> dict[str, Path]:
+                   device: str | torch.device = "cpu", use_ema: bool = True, calibrate_threshold: int = 0,
+                   calibration_batch: int | None = None, progress: bool = False) -> dict[str, Path]:
     """Write the figures and `summary.md` of a checkpoint's routing into `out_dir`; returns {key: path}
-    (keys of FIGURES plus "summary")."""
+    (keys of FIGURES plus "summary"). `calibrate_threshold` > 0 first recalibrates tau of the loaded
+    weights on that many training batches (see `load_for_sampling`)."""
     from racedit.sampling import load_for_sampling
 
-    loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device)
+    loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device, calibrate_threshold=calibrate_threshold,
+                               calibration_batch=calibration_batch, progress=progress)
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
     out.mkdir(parents=True, exist_ok=True)
     model, cfg = loaded.model, loaded.config
@@ -437,6 +439,8 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
                  f"{mc.gating}, inference routing {mc.inference_routing}",
         "objective": cfg.diffusion.objective,
     }
+    if loaded.threshold_calibration is not None:
+        header["threshold"] = loaded.threshold_calibration.summary()
     paths["summary"] = write_summary(stats, out / SUMMARY, header)
     return paths
 
@@ -454,12 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and the noise")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to load")
+    parser.add_argument("--calibrate-threshold", type=int, default=0, metavar="N",
+                        help="recalibrate the inference threshold of the loaded weights on N training batches first")
+    parser.add_argument("--calibration-batch", type=int, default=None,
+                        help="batch size of --calibrate-threshold (default: the config's train.global_batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.timesteps < 1 or args.per_class < 1 or args.batch_size < 1:
         parser.error("--timesteps, --per-class and --batch-size must be >= 1")
     paths = routing_report(args.ckpt, args.out, timesteps=args.timesteps, classes=args.classes,
                            per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
-                           device=args.device, use_ema=args.weights == "ema", progress=True)
+                           device=args.device, use_ema=args.weights == "ema",
+                           calibrate_threshold=args.calibrate_threshold, calibration_batch=args.calibration_batch,
+                           progress=True)
     print(f"routing report: {len(paths) - 1} figures and {paths['summary'].name} in {paths['summary'].parent}")
     return 0

@@ -1,0 +1,171 @@
+"""Recalibrating the inference threshold tau for a set of weights (race-dit §5.4): the value against a naive
+sort of the training-rule scores, the realised experts per token, and the sample.py / routing report flags."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from racedit.cli import sample_main
+from racedit.diffusion.objectives import DDPMObjective
+from racedit.evaluation.routing import experts_per_token
+from racedit.models import create_model
+from racedit.models.records import ForwardRecord
+from racedit.training.calibration import calibrate_thresholds, threshold_layers, training_batches
+from racedit.training.checkpoint import save_checkpoint
+
+TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, learn_sigma=False)
+
+
+def race_model(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = create_model("RaceDiT-S/2-2in8", **{**TINY, **kw})
+    with torch.no_grad():  # open the adaLN gates so that block 1 sees block 0's routing
+        for block in model.blocks:
+            block.adaLN_modulation[-1].weight.normal_(std=0.05)
+    return model
+
+
+def random_batches(n: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def naive_kth_scores(model, objective, batches, label_dropout: float, seed: int) -> dict[int, list[float]]:
+    """Per threshold layer, the K-th largest score (K = B * L * k) of each batch, from sorting all B * L * E
+    training-mode scores in float64; the draws replayed in calibrate_thresholds' documented order."""
+    model = copy.deepcopy(model).train()
+    g = torch.Generator().manual_seed(seed)
+    out: dict[int, list[float]] = {m.layer_index: [] for m in threshold_layers(model)}
+    with torch.no_grad():
+        for x0, y in batches:
+            t = objective.sample_t(len(x0), torch.device("cpu"), g)
+            noise = torch.randn(x0.shape, generator=g)
+            drop = torch.rand(len(x0), generator=g) < label_dropout
+            labels = torch.where(drop, torch.full_like(y, model.num_classes), y)
+            record = ForwardRecord()
+            model(objective.add_noise(x0, t, noise), objective.model_time(t), labels, record=record,
+                  label_dropout=False)
+            for layer in threshold_layers(model):
+                scores = record.moe[layer.layer_index].scores.double().flatten()
+                k_total = scores.numel() // layer.num_experts * layer.k
+                out[layer.layer_index].append(float(torch.sort(scores, descending=True).values[k_total - 1]))
+    return out
+
+
+def eval_experts_per_token(model, objective, batches, seed: int) -> float:
+    """Mean experts per token over the threshold layers, eval mode, random timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    counts = []
+    with torch.no_grad():
+        for x0, y in batches:
+            t = objective.sample_t(len(x0), torch.device("cpu"), g)
+            record = ForwardRecord()
+            model.eval()(objective.add_noise(x0, t, torch.randn(x0.shape, generator=g)), objective.model_time(t), y,
+                         record=record)
+            counts += [float(experts_per_token(record.moe[m.layer_index].mask).mean()) for m in threshold_layers(model)]
+    return float(np.mean(counts))
+
+
+def test_calibrated_tau_is_the_mean_batch_kth_score_of_the_given_weights():
+    model = race_model().eval()
+    objective = DDPMObjective(1000)
+    for m in threshold_layers(model):  # a stale threshold, as the EMA weights inherit from the live ones
+        m.tau.fill_(3.0)
+        m.threshold_initialized.fill_(True)
+    params = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("tau", "threshold_initialized"))}
+    batches = random_batches(3, 8, seed=1)
+    cal = calibrate_thresholds(model, objective, batches, 3, label_dropout=0.25, seed=7)
+    reference = naive_kth_scores(model, objective, batches, 0.25, seed=7)
+    assert sorted(cal.tau_after) == sorted(reference) == [0, 1]
+    for layer in threshold_layers(model):
+        expected = np.mean(reference[layer.layer_index])
+        assert float(layer.tau) == pytest.approx(expected, rel=1e-5)
+        assert cal.tau_before[layer.layer_index] == 3.0 and bool(layer.threshold_initialized)
+        assert layer.race_scope == "local"
+    assert len(set(map(tuple, reference.values()))) == 2  # the layers really differ
+    assert not model.training  # left in the mode it was in, with the weights untouched
+    for k, v in model.state_dict().items():
+        if k in params:
+            assert torch.equal(v, params[k]), k
+    assert (cal.batches, cal.batch_size, cal.seed) == (3, 8, 7) and "3.0000 ->" in cal.summary()
+    again = calibrate_thresholds(model, objective, batches, 3, label_dropout=0.25, seed=7)
+    assert again.tau_after == cal.tau_after  # deterministic: only weights, batches and seed matter
+    other = calibrate_thresholds(model, objective, batches, 3, label_dropout=0.25, seed=8)
+    assert other.tau_after != cal.tau_after
+
+
+def test_calibration_brings_the_realised_experts_per_token_back_to_k():
+    objective = DDPMObjective(1000)
+    live = race_model(seed=0).train()
+    for x0, y in random_batches(20, 16, seed=2):  # tau tracks the live weights' K-th score
+        live(objective.add_noise(x0, torch.randint(0, 1000, (16,)), torch.randn_like(x0)),
+             torch.randint(0, 1000, (16,)).float(), y)
+    ema = race_model(seed=0)
+    ema.load_state_dict(live.state_dict())
+    with torch.no_grad():  # weights that score differently, sharing the live tau (the EMA situation)
+        for layer in threshold_layers(ema):
+            layer.router.gate_head.weight.mul_(1.6)
+    held_out = random_batches(12, 16, seed=3)
+    k = threshold_layers(ema)[0].k
+    stale = eval_experts_per_token(ema, objective, held_out, seed=4)
+    calibrate_thresholds(ema, objective, random_batches(12, 16, seed=5), 12, label_dropout=0.1, seed=6)
+    fixed = eval_experts_per_token(ema, objective, held_out, seed=4)
+    assert abs(stale - k) > 0.5  # the stale threshold is visibly off (the gate scales scores by 1.6)
+    assert abs(fixed - k) < 0.25 * k and abs(fixed - k) < abs(stale - k) / 2
+
+
+def test_calibration_refuses_models_without_a_threshold_and_short_data():
+    objective = DDPMObjective(1000)
+    dense = create_model("DiT-S/2", **TINY)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        calibrate_thresholds(dense, objective, random_batches(1, 4, 0), 1, 0.1)
+    topk = race_model(inference_routing="topk")
+    with pytest.raises(ValueError, match="no MoE layer"):
+        calibrate_thresholds(topk, objective, random_batches(1, 4, 0), 1, 0.1)
+    with pytest.raises(ValueError, match="ran out before 3 batches"):
+        calibrate_thresholds(race_model(), objective, random_batches(2, 4, 0), 3, 0.1)
+
+
+def test_training_batches_read_the_configs_data(tiny_config):
+    x0, y = next(training_batches(tiny_config(), 5, seed=0, device="cpu"))
+    assert x0.shape == (5, 1, 8, 8) and y.shape == (5,) and x0.min() >= -1 and x0.max() <= 1
+
+
+@pytest.fixture
+def race_checkpoint(tiny_config, tmp_path):
+    cfg = tiny_config("model.name=RaceDiT-S/2-2in8", out_dir=tmp_path / "run")
+    model = race_model()
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8))  # sets tau
+    state = model.state_dict()
+    return save_checkpoint(tmp_path / "run" / "checkpoints", 3, model_state=state, ema_state=state,
+                           train_state={"step": 3}, config=cfg)
+
+
+def test_sample_py_recalibrates_and_records_it_in_the_npz(race_checkpoint, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    args = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "4", "--batch-size", "4",
+            "--steps", "2", "--device", "cpu"]
+    assert sample_main([*args, "--calibrate-threshold", "2", "--calibration-batch", "8"]) == 0
+    assert "tau recalibrated on 2 batches of 8" in capsys.readouterr().out
+    with np.load(out) as z:
+        meta = json.loads(str(z["metadata"]))
+    assert meta["threshold"]["batches"] == 2 and sorted(meta["threshold"]["tau"]) == ["0", "1"]
+    plain = tmp_path / "p.npz"
+    assert sample_main([*args[:3], str(plain), *args[4:]]) == 0
+    with np.load(plain) as z:
+        assert json.loads(str(z["metadata"]))["threshold"] == "from training"
+
+
+def test_sample_py_calibration_error_for_a_dense_checkpoint(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(out_dir=tmp_path / "run")
+    state = create_model(cfg.model).state_dict()
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints", 1, model_state=state, ema_state=state,
+                           train_state={"step": 1}, config=cfg)
+    rc = sample_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--calibrate-threshold", "1",
+                      "--device", "cpu"])
+    assert rc == 2 and "no MoE layer" in capsys.readouterr().err
