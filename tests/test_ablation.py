@@ -156,3 +156,36 @@ def test_shipped_grids_load_and_are_at_equal_compute():
         if path.stem.endswith("_imagenet") and not path.stem.startswith(("granularity", "connections")):
             continue
         ablation.check_compute(grid, {n: ablation.variant_accounting(c) for n, c in configs.items()})
+
+
+def test_a_diverging_variant_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
+    from racedit.training import loop
+
+    real_train = loop.train
+    calls = []
+
+    def train_where_race_diverges(cfg, *a, **k):
+        calls.append(Path(cfg.train.out_dir).name)
+        if Path(cfg.train.out_dir).name == "race":
+            raise loop.TrainingDiverged("step 5: 3 non-finite steps in a row; last good checkpoint step_0000004")
+        return real_train(cfg, *a, **k)
+
+    monkeypatch.setattr(loop, "train", train_where_race_diverges)
+    grid = _write_grid(tmp_path, **TWO)
+    out = tmp_path / "out"
+    result = run_grid(grid, out, log=lambda *a: None)
+    assert result.status == {"race": "diverged", "token": "trained"} and calls == ["race", "token"]
+    assert "non-finite" in result.diverged["race"] and (out / "race" / "diverged.json").is_file()
+    with (out / "results.csv").open() as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["token"]
+    md = (out / "results.md").read_text()
+    assert "Diverged" in md and "- `race`: step 5: 3 non-finite steps" in md
+    # a rerun neither retrains the diverged variant nor the finished one
+    again = run_grid(grid, out, log=lambda *a: None)
+    assert again.status == {"race": "diverged", "token": "skipped"} and calls == ["race", "token"]
+    # deleting the marker retries it (and here it trains)
+    (out / "race" / "diverged.json").unlink()
+    monkeypatch.setattr(loop, "train", real_train)
+    third = run_grid(grid, out, log=lambda *a: None)
+    assert third.status == {"race": "trained", "token": "skipped"} and not third.diverged
+    assert "Diverged" not in (out / "results.md").read_text()

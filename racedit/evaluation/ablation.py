@@ -32,7 +32,9 @@ Training uses `train(cfg, resume=True)`, so an interrupted variant continues fro
 (bit for bit on CPU). After evaluation `<out>/<v>/done.json` holds the variant's results row and its
 resolved config; a rerun skips a variant with a done.json whose config matches, and refuses one whose
 config changed (delete the variant directory to retrain it). A skipped variant's row is rebuilt from its metrics.csv and
-the evaluation results in done.json.
+the evaluation results in done.json. A variant whose training diverges (`TrainingDiverged`) gets
+`<out>/<v>/diverged.json` with the reason; the grid goes on with the next variant, results.md lists it
+under "Diverged", and reruns skip it while its config is unchanged (delete diverged.json to retry).
 
 Outputs in `<out>/`: `results.csv` (every recorded column), `results.md` (the table sorted by the main
 metric, with the comparison columns), `loss_curves.png` (smoothed training loss of every variant on one
@@ -101,6 +103,7 @@ EVAL_KINDS = ("digits", "fid", "none")
 # Metric -> whether higher is better (anything not listed is lower-is-better, like FID and losses).
 HIGHER_IS_BETTER = {"sample_class_accuracy": True, "inception_score": True, "precision": True, "recall": True}
 DEFAULT_METRIC = {"digits": "digits_fd", "fid": "fid", "none": "final_loss"}
+DIVERGED = "diverged.json"  # in a variant's run dir: it diverged with this config; skipped until deleted
 # metrics.csv columns that look like routing diagnostics (names vary: read from the header).
 _ROUTING_NAME = re.compile(r"routing|router|maxvio|comb|expert|threshold|tau|load|balance", re.IGNORECASE)
 _PER_LAYER = re.compile(r"block_?\d+|t_bin|layer_?\d+", re.IGNORECASE)
@@ -176,9 +179,10 @@ class GridResult:
 
     out_dir: Path
     rows: list[dict]
-    status: dict[str, str]  # variant -> "trained" | "resumed" | "skipped" | "incomplete"
+    status: dict[str, str]  # variant -> "trained" | "resumed" | "skipped" | "incomplete" | "diverged"
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    diverged: dict[str, str] = field(default_factory=dict)  # variant -> the divergence message
 
 
 # ----------------------------------------------------------------------------------------------- grid files
@@ -594,7 +598,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
     import torch
 
     from racedit.training.checkpoint import latest_checkpoint
-    from racedit.training.loop import train
+    from racedit.training.loop import TrainingDiverged, train
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
@@ -607,6 +611,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         grid.variant(name)
     t_grid = time.perf_counter()
     status: dict[str, str] = {}
+    diverged: dict[str, str] = {}  # variant -> why: reported, and the grid goes on with the next variant
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
     for v in grid.variants:
@@ -627,13 +632,31 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
             continue
         if only and v.name not in only:
             continue
+        marker = run_dir / DIVERGED
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if not _fingerprint_changes(saved.get("fingerprint", {}), fingerprint):
+                status[v.name], diverged[v.name] = "diverged", saved["message"]
+                log(f"[{grid.name}] {v.name}: diverged earlier ({saved['message']}); delete {marker} to retry")
+                continue
+            marker.unlink()  # made with another config: this one gets its own attempt
         previous = latest_checkpoint(run_dir / "checkpoints")
         status[v.name] = "resumed" if previous is not None else "trained"
         log(f"[{grid.name}] {v.name}: {'resuming from ' + previous.name if previous else 'training'} "
             f"({' '.join(v.overrides) or 'base'})")
         t0 = time.perf_counter()
         train_cfg = replace(cfg, train=replace(cfg.train, eval_samples_per_class=0))  # the runner evaluates
-        result = train(train_cfg, resume=True, stop_after=stop_after)
+        try:
+            result = train(train_cfg, resume=True, stop_after=stop_after)
+        except TrainingDiverged as e:
+            message = str(e).splitlines()[0]
+            status[v.name], diverged[v.name] = "diverged", message
+            log(f"[{grid.name}] {v.name}: diverged ({message}); going on with the next variant")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "message": message}, indent=1))
+            tmp.replace(marker)
+            continue
         if result.step < cfg.train.steps:
             status[v.name] = "incomplete"
             log(f"[{grid.name}] {v.name}: stopped at step {result.step} of {cfg.train.steps}; run again to resume")
@@ -650,11 +673,13 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "results": results, "row": row}, indent=1))
         tmp.replace(done)
         rows.append(row)
-    result = GridResult(out_dir=out, rows=rows, status=status, seconds=time.perf_counter() - t_grid)
+    result = GridResult(out_dir=out, rows=rows, status=status, seconds=time.perf_counter() - t_grid,
+                        diverged=diverged)
     if report and rows:
         result.files = write_report(grid, rows, out, configs, command=command,
                                     pending=[v.name for v in grid.variants if status.get(v.name) not in
-                                             ("skipped", "trained", "resumed")])
+                                             ("skipped", "trained", "resumed", "diverged")],
+                                    diverged=diverged)
         log(f"[{grid.name}] {len(rows)} of {len(grid.variants)} variants finished; "
             f"report in {result.files['md']}")
     return result
@@ -695,8 +720,10 @@ def _short(col: str) -> str:
 
 
 def write_report(grid: Grid, rows: list[dict], out_dir: str | Path, configs: dict[str, Config] | None = None,
-                 command: str | None = None, pending: list[str] | None = None) -> dict[str, Path]:
-    """results.csv, results.md and the two PNGs for the finished `rows`; returns their paths."""
+                 command: str | None = None, pending: list[str] | None = None,
+                 diverged: dict[str, str] | None = None) -> dict[str, Path]:
+    """results.csv, results.md and the two PNGs for the finished `rows` (results.md also names the
+    `pending` variants and the `diverged` ones with their reason); returns their paths."""
     out = Path(out_dir)
     rows = _sort_rows(grid, rows)
     columns: list[str] = []
@@ -711,13 +738,13 @@ def write_report(grid: Grid, rows: list[dict], out_dir: str | Path, configs: dic
     files["loss_png"] = plot_loss_curves(grid, [r["variant"] for r in rows], out)
     files["macs_png"] = plot_metric_vs_macs(grid, rows, out)
     md = out / "results.md"
-    md.write_text(_markdown(grid, rows, configs, command, pending or []))
+    md.write_text(_markdown(grid, rows, configs, command, pending or [], diverged or {}))
     files["md"] = md
     return files
 
 
 def _markdown(grid: Grid, rows: list[dict], configs: dict[str, Config] | None, command: str | None,
-              pending: list[str]) -> str:
+              pending: list[str], diverged: dict[str, str]) -> str:
     base = next((r for r in rows if r["variant"] == grid.baseline), None)
     m = grid.metric
     better = "higher is better" if grid.higher_is_better else "lower is better"
@@ -772,6 +799,9 @@ def _markdown(grid: Grid, rows: list[dict], configs: dict[str, Config] | None, c
              "", "![training loss](loss_curves.png)", "", f"![{m} vs activated MACs](metric_vs_macs.png)", ""]
     if pending:
         text += [f"Not in this table (not run yet, or unfinished): {', '.join(pending)}.", ""]
+    if diverged:
+        text += ["Diverged, so not in this table (delete the run's `diverged.json` to retry):", "",
+                 *[f"- `{name}`: {why}" for name, why in diverged.items()], ""]
     return "\n".join(text)
 
 
@@ -904,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     done = sum(s in ("skipped", "trained", "resumed") for s in result.status.values())
-    print(f"{grid.name}: {done} of {len(grid.variants)} variants finished in {result.seconds / 60:.1f} min "
+    lost = f", {len(result.diverged)} diverged ({', '.join(result.diverged)})" if result.diverged else ""
+    print(f"{grid.name}: {done} of {len(grid.variants)} variants finished{lost} in {result.seconds / 60:.1f} min "
           f"-> {result.out_dir}")
     return 0
