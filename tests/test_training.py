@@ -25,6 +25,7 @@ from racedit.training.checkpoint import (
     load_train_state,
     load_weights,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from racedit.training.loop import TrainingDiverged, train
 
@@ -316,3 +317,29 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_ema_weights(tmp_path):
     tuned = load_weights(latest_checkpoint(tmp_path / "b" / "checkpoints"), "model")
     assert all(torch.equal(tuned[k], ema[k]) for k in ema)
     assert not all(torch.equal(tuned[k], v) for k, v in load_weights(source.checkpoint, "model").items())
+
+
+def test_resaving_a_step_has_a_complete_copy_at_every_rename(tiny_config, tmp_path, monkeypatch):
+    """A kill at any point of re-saving step 4 leaves a loadable step 4 (old or new weights): checked at
+    the moment of every rename the save makes, as a kill there would leave the directory."""
+    import os
+
+    cfg = tiny_config()
+    root = tmp_path / "ckpts"
+    old, new = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    save_checkpoint(root, 4, model_state=old, ema_state=old, train_state={"step": 4}, config=cfg)
+    real_replace = os.replace
+    seen = []
+
+    def checked_replace(src, dst):
+        found = latest_checkpoint(root)
+        assert found is not None and load_train_state(found)["step"] == 4  # `last` may name the new copy
+        seen.append(float(load_weights(found, "model")["w"][0]))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_mod.os, "replace", checked_replace)
+    final = save_checkpoint(root, 4, model_state=new, ema_state=new, train_state={"step": 4}, config=cfg)
+    monkeypatch.setattr(checkpoint_mod.os, "replace", real_replace)
+    assert len(seen) >= 3 and seen[0] == 0.0 and seen[-1] == 1.0 and set(seen) == {0.0, 1.0}
+    assert latest_checkpoint(root) == final.resolve() and float(load_weights(final, "model")["w"][0]) == 1.0
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step_0000004"]  # nothing left aside

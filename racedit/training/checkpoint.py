@@ -42,24 +42,36 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    old = root / f".old-{final.name}-{os.getpid()}"
     try:
         save_file(_contiguous_cpu(model_state), tmp / "model.safetensors")
         save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors")
         torch.save(train_state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(to_yaml(config))
-        if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
-            shutil.rmtree(final)
+        if final.exists():
+            # Re-saving a step: a directory cannot be replaced in one rename, so `last` names the new copy
+            # while the old one moves aside; at every moment `last` or the step directory is complete.
+            _point_last(root, tmp.name)
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _point_last(root, final.name)
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep_last, keep=final)
+    return final
+
+
+def _point_last(root: Path, name: str) -> None:
+    """Atomically make `root/last` a symbolic link to `name` (a directory in `root`)."""
     link_tmp = root / f".last-{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
-    os.symlink(final.name, link_tmp)
+    os.symlink(name, link_tmp)
     os.replace(link_tmp, root / "last")
-    _prune(root, keep_last, keep=final)
-    return final
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
