@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FID / IS / precision / recall against the ADM reference batch (see docs/fid.md):
+"""FID / sFID / IS / precision / recall against the ADM reference batch (see docs/fid.md):
 
     python eval/fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--inception-weights PATH]
 """

@@ -202,15 +202,18 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     assert report["reference"] is None and "fid" not in report["metrics"] and report["saved_stats"] == str(stats)
     with np.load(stats) as z:
         mu, sigma, feats = z["mu"], z["sigma"], z["features"]
+        mu_s, sigma_s = z["mu_s"], z["sigma_s"]
         stats_meta = json.loads(str(z["metadata"]))
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (N, 2048)
+    d_s = 7 * 3 * 3  # sFID features: 7 channels of Mixed_6d's 17x17 map, 3x3 at the tests' 75 px input
+    assert mu_s.shape == (d_s,) and sigma_s.shape == (d_s, d_s)
     assert stats_meta["count"] == N and stats_meta["format"] == F.STATS_FORMAT
     assert np.isfinite(feats).all() and feats.std(0).mean() > 1e-3  # the random network separates the images
 
     # 2. an ADM-layout reference batch: mu/sigma (here the samples' own) and 32 other images for P/R
     ref_images = _images(32, 1, size=24)
     adm = tmp_path / "VIRTUAL_test_labeled.npz"
-    np.savez(adm, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez(adm, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=np.zeros(d_s), sigma_s=np.eye(d_s))
     out_json = tmp_path / "adm.json"
     assert _run_eval_script([samples, "--ref", adm, "--inception-weights", inception_weights, "--kid",
                              "--out", out_json, "--quiet"], monkeypatch) == 0
@@ -219,6 +222,10 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     m = r["metrics"]
     # FID used the stored mu/sigma (the samples' own statistics), not the 32 reference images
     assert abs(m["fid"]) < 1e-5 * np.trace(sigma)
+    # sFID against N(0, I): |mu_s|^2 + tr(S) + D - 2 sum(sqrt(eig(S))), the closed form
+    eig = np.clip(np.linalg.eigvalsh(sigma_s), 0, None)
+    expected = np.sum(mu_s ** 2) + np.trace(sigma_s) + d_s - 2 * np.sum(np.sqrt(eig))
+    assert m["sfid"] == pytest.approx(expected, rel=1e-6)
     assert r["reference"]["kind"] == "adm_npz" and r["reference"]["fid_statistics"] == "stored mu/sigma"
     assert r["reference"]["images"] == 32 and r["reference"]["features_for_precision_recall"] == 32
     assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0 and np.isfinite(m["kid"])
@@ -231,7 +238,7 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     assert "torch-fidelity" in r["feature_extractor"]["name"] and r["feature_extractor"]["torch_fidelity_version"]
     assert r["label"] == f"FID-{N}" and r["sampling"] == meta
     assert all(k in r["sampling"] for k in SAMPLING_KEYS)
-    for word in ("FID", "IS", "precision", "KID", "samples", "reference", "weights", w["sha256"][:16],
+    for word in ("FID", "sFID", "IS", "precision", "KID", "samples", "reference", "weights", w["sha256"][:16],
                  "cfg_scale=1.5", "guidance_channels=all", "per_device_batch=32", "inference_routing=threshold"):
         assert word in screen, word
 
@@ -242,6 +249,7 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     assert r["samples"]["format"] == "folder" and r["samples"]["count"] == N
     assert r["reference"]["kind"] == "racedit_stats" and r["sampling"] is None
     assert abs(r["metrics"]["fid"]) < 1e-5 * np.trace(sigma)
+    assert abs(r["metrics"]["sfid"]) < 1e-5 * np.trace(sigma_s)
     assert r["metrics"]["precision"] == 1.0 and r["metrics"]["recall"] == 1.0
     assert not any("different feature spaces" in n for n in r["notes"])
 
@@ -257,3 +265,41 @@ def test_eval_fid_script_errors(inception_weights, tmp_path, monkeypatch, capsys
     np.savez(good, arr_0=_images(4, 0))
     assert _run_eval_script([good, "--ref", good, "--inception-weights", wrong], monkeypatch) == 2
     assert "does not start with 6726825d" in capsys.readouterr().err
+
+
+def test_sfid_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc_order(inception_weights):
+    """The spatial features against a hand-run conv + BN + ReLU on the input of Mixed_6d, index by index."""
+    import torch.nn.functional as nnf
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not torch-fidelity's weights.*")
+        extractor = F.load_inception(F.resolve_inception_weights(inception_weights))
+    block_input = []
+    hook = extractor.Mixed_6d.register_forward_pre_hook(lambda m, args: block_input.append(args[0].clone()))
+    batch = _images(5, 3)
+
+    class FiveImages:  # an image source without a file: one batch of 5
+        def __len__(self):
+            return 5
+
+        def batches(self, batch_size, limit=None):
+            return iter([batch])
+
+    try:
+        feats = F.extract_features(extractor, FiveImages(), progress=False)
+    finally:
+        hook.remove()
+    (x,) = block_input
+    branch = extractor.Mixed_6d.branch1x1
+    bn = branch.bn
+    ref = nnf.relu(nnf.batch_norm(nnf.conv2d(x, branch.conv.weight), bn.running_mean, bn.running_var, bn.weight,
+                                  bn.bias, training=False, eps=bn.eps))
+    spatial = feats[F.SFID_FEATURE]
+    n, _, h, w = ref.shape
+    assert spatial.shape == (5, h * w * 7) and (n, h, w) == (5, 3, 3)
+    for i in range(n):
+        for y in range(h):
+            for xx in range(w):
+                for c in range(7):
+                    assert spatial[i, (y * w + xx) * 7 + c] == pytest.approx(float(ref[i, c, y, xx]), rel=1e-5, abs=1e-6)
+    assert spatial.abs().sum() > 0 and not extractor.Mixed_6d.branch1x1._forward_hooks  # hook removed

@@ -10,6 +10,10 @@ Protocol (see docs/fid.md and the evaluation section of the reference notes):
   `VIRTUAL_imagenet256_labeled.npz`, or a racedit statistics file from `--save-stats`); otherwise they are
   computed from the reference images. `frechet_distance` is the single implementation, also used by the digits
   metrics.
+- sFID: the same Fréchet distance on ADM's spatial features `mixed_6/conv:0[..., :7]`: the 1x1 branch of the
+  fourth 17x17 block (Mixed_6d), after BN + ReLU, channels 0-6, flattened in (h, w, c) order (2023-d at 299 px),
+  against the reference's `mu_s` / `sigma_s`. The layer follows the reference notes' reading of the TF graph;
+  it has not been checked against the TF evaluator here (no network).
 - Inception Score: 10 consecutive splits of the samples, no shuffling (ADM: splits of 5000, i.e. 10 for 50K).
 - Precision / recall: the k-NN manifold estimate (Kynkäänniemi et al. 2019, k = 3) on pool_3 features against
   the reference images (ADM: its 10K reference images), via torch-fidelity's implementation.
@@ -48,6 +52,9 @@ INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub convention: the leading hex digits of the file's SHA-256
 FID_FEATURE = "2048"  # pool_3
 IS_FEATURE = "logits_unbiased"  # pool_3 x fc weight, no bias (as ADM)
+SFID_FEATURE = "spatial"  # ADM's mixed_6/conv:0, first 7 channels (a forward hook; not a torch-fidelity feature)
+SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF's mixed_6/conv: the 1x1 branch of the fourth 17x17 block
+SPATIAL_CHANNELS = 7
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torch.hub names: <stem>-<sha256 prefix>.<ext>
@@ -431,21 +438,31 @@ def _no_tf32():
 @torch.no_grad()
 def extract_features(extractor, images: NpzImages | FolderImages, batch_size: int = 100, limit: int | None = None,
                      progress: bool = True, desc: str = "inception") -> dict[str, torch.Tensor]:
-    """{"2048": pool_3 features (N, 2048), "logits_unbiased": (N, 1008)} in float32 on the CPU."""
+    """{"2048": pool_3 features (N, 2048), "logits_unbiased": (N, 1008), "spatial": sFID features (N, 7 h w)}
+    in float32 on the CPU (h = w = 17 at the standard 299 px input)."""
     from tqdm.auto import tqdm
 
     device = next(extractor.parameters()).device
     n = len(images) if limit is None else min(limit, len(images))
-    outs: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.features_list}
-    with _no_tf32(), tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        for batch in images.batches(batch_size, limit=n):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            feats = extractor(x.to(device))
-            for name, f in zip(extractor.features_list, feats):
-                outs[name].append(f.float().cpu())
-            bar.update(len(batch))
+    outs: dict[str, list[torch.Tensor]] = {name: [] for name in [*extractor.features_list, SFID_FEATURE]}
+
+    def keep_spatial(module, inputs, output):  # (B, 192, h, w) -> (B, h * w * 7) in TF's NHWC order
+        spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+        outs[SFID_FEATURE].append(spatial.reshape(len(output), -1).float().cpu())
+
+    hook = extractor.get_submodule(SPATIAL_MODULE).register_forward_hook(keep_spatial)
+    try:
+        with _no_tf32(), tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+            for batch in images.batches(batch_size, limit=n):
+                x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+                if x.shape[1] == 1:
+                    x = x.repeat(1, 3, 1, 1)
+                feats = extractor(x.to(device))
+                for name, f in zip(extractor.features_list, feats):
+                    outs[name].append(f.float().cpu())
+                bar.update(len(batch))
+    finally:
+        hook.remove()
     result = {name: torch.cat(v) for name, v in outs.items()}
     bad = (~torch.isfinite(result[FID_FEATURE])).any(1).sum().item()
     if bad:
@@ -468,9 +485,12 @@ class Reference:
     features: torch.Tensor | None = None
     num_images: int | None = None  # reference images (arr_0 / folder), if any
     metadata: dict | None = None
+    mu_s: np.ndarray | None = None  # sFID statistics of the spatial features, when the reference has them
+    sigma_s: np.ndarray | None = None
 
     def describe(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "fid_statistics": self.stats_source,
+                "sfid_statistics": None if self.mu_s is None else f"{len(self.mu_s)}-d",
                 "images": self.num_images,
                 "features_for_precision_recall": None if self.features is None else len(self.features),
                 "stats_metadata": self.metadata}
@@ -489,6 +509,11 @@ def load_reference(path: str | Path, extractor=None, need_features: bool = True,
                               + ("" if p.exists() else " (not found)"))
     with np.load(p, allow_pickle=False) as z:
         keys = set(z.files)
+        mu_s = sigma_s = None
+        if {"mu_s", "sigma_s"} <= keys:
+            mu_s, sigma_s = np.asarray(z["mu_s"], np.float64), np.asarray(z["sigma_s"], np.float64)
+            if mu_s.ndim != 1 or sigma_s.shape != (len(mu_s), len(mu_s)):
+                raise EvaluationError(f"{p}: mu_s/sigma_s have shapes {mu_s.shape}/{sigma_s.shape}; expected (D,)/(D, D)")
         if {"mu", "sigma"} <= keys:
             mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
             meta = json.loads(str(z["metadata"])) if "metadata" in keys else None
@@ -503,7 +528,7 @@ def load_reference(path: str | Path, extractor=None, need_features: bool = True,
         raise EvaluationError(f"{p}: mu/sigma have shapes {mu.shape}/{sigma.shape}; expected pool_3 (2048,)/(2048, 2048)")
     is_racedit = bool(meta) and meta.get("format") == STATS_FORMAT
     kind = "racedit_stats" if is_racedit else "adm_npz"
-    ref = Reference(p, kind, mu, sigma, "stored mu/sigma", metadata=meta)
+    ref = Reference(p, kind, mu, sigma, "stored mu/sigma", metadata=meta, mu_s=mu_s, sigma_s=sigma_s)
     if stored is not None:
         ref.features = torch.from_numpy(np.asarray(stored, np.float32))
     if "arr_0" in keys:
@@ -519,15 +544,19 @@ def load_reference(path: str | Path, extractor=None, need_features: bool = True,
 def _reference_from_images(p: Path, images, kind: str, extractor, batch_size: int, progress: bool) -> Reference:
     if extractor is None:
         raise EvaluationError("reference images need an Inception extractor")
-    feats = extract_features(extractor, images, batch_size, progress=progress, desc="reference")[FID_FEATURE]
+    all_feats = extract_features(extractor, images, batch_size, progress=progress, desc="reference")
+    feats = all_feats[FID_FEATURE]
     mu, sigma = gaussian_statistics(feats)
-    return Reference(p, kind, mu, sigma, f"computed from {len(feats)} images", feats, len(feats))
+    mu_s, sigma_s = gaussian_statistics(all_feats[SFID_FEATURE])
+    return Reference(p, kind, mu, sigma, f"computed from {len(feats)} images", feats, len(feats), mu_s=mu_s,
+                     sigma_s=sigma_s)
 
 
 def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: InceptionWeights,
-               max_features: int = 10000) -> Path:
+               max_features: int = 10000, spatial: torch.Tensor | None = None) -> Path:
     """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (N, 2048), the first
-    `max_features` features themselves (for precision/recall; 0 = none) and JSON metadata."""
+    `max_features` features themselves (for precision/recall; 0 = none), mu_s, sigma_s of the sFID
+    features (N, D) when `spatial` is given, and JSON metadata."""
     mu, sigma = gaussian_statistics(features)
     meta = {"format": STATS_FORMAT, "source": source, "count": len(features),
             "feature_extractor": _extractor_description(weights), "stored_features": min(max_features, len(features)),
@@ -535,6 +564,8 @@ def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: 
     arrays = {"mu": mu, "sigma": sigma, "metadata": np.array(json.dumps(meta))}
     if max_features > 0:
         arrays["features"] = features[:max_features].numpy().astype(np.float32)
+    if spatial is not None:
+        arrays["mu_s"], arrays["sigma_s"] = gaussian_statistics(spatial)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -554,6 +585,8 @@ def _extractor_description(weights: InceptionWeights) -> dict:
     return {"name": "torch-fidelity FeatureExtractorInceptionV3 (TF-compatible Inception-v3)",
             "torch_fidelity_version": torch_fidelity.__version__, "fid_feature": f"pool_3 ({FID_FEATURE}-d)",
             "is_feature": f"{IS_FEATURE} (1008 classes, no bias)",
+            "sfid_feature": f"{SPATIAL_MODULE} (TF mixed_6/conv) after ReLU, channels 0-{SPATIAL_CHANNELS - 1}, "
+                            "flattened in (h, w, c) order",
             "resize": f"TF1 bilinear to {FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE}",
             "dtype": "float32, TF32 off", "weights": weights.describe()}
 
@@ -620,7 +653,8 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
                                f"compare only with FID-{_label(n)} numbers")
     if save_stats_path is not None:
         src = {"path": str(Path(samples).resolve()), "format": report["samples"]["format"], "count": n}
-        report["saved_stats"] = str(save_stats(save_stats_path, gen, src, weights, stats_max_features))
+        report["saved_stats"] = str(save_stats(save_stats_path, gen, src, weights, stats_max_features,
+                                               spatial=feats[SFID_FEATURE]))
     if ref is not None:
         reference = load_reference(ref, extractor, need_features=s.prc or s.kid, batch_size=s.batch_size,
                                    progress=progress)
@@ -634,6 +668,15 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
                 report["notes"].append(msg)
         mu, sigma = gaussian_statistics(gen)
         m["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+        spatial = feats[SFID_FEATURE]
+        if reference.mu_s is None:
+            report["notes"].append("no sFID: the reference has no spatial statistics (mu_s/sigma_s)")
+        elif len(reference.mu_s) != spatial.shape[1]:
+            report["notes"].append(f"no sFID: the reference's spatial statistics are {len(reference.mu_s)}-d, the "
+                                   f"samples' {spatial.shape[1]}-d (another Inception input size?)")
+        else:
+            mu_s, sigma_s = gaussian_statistics(spatial)
+            m["sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s)
         if reference.features is not None:
             if s.prc:
                 m["precision"], m["recall"] = precision_recall(gen, reference.features, s.prc_k, s.prc_batch_size,
@@ -668,6 +711,8 @@ def format_report(report: dict) -> str:
     lines = [f"== {report['label']} (racedit eval/fid.py) =="]
     if "fid" in m:
         lines.append(f"  FID        {m['fid']:.4f}")
+    if "sfid" in m:
+        lines.append(f"  sFID       {m['sfid']:.4f}")
     lines.append(f"  IS         {m['inception_score']:.4f} +- {m['inception_score_std']:.4f} "
                  f"({report['settings']['isc_splits']} splits)")
     if "precision" in m:
@@ -700,10 +745,10 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """eval/fid.py: FID / IS / precision / recall (/ KID) of SAMPLES against REF; prints and writes one JSON."""
+    """eval/fid.py: FID / sFID / IS / precision / recall (/ KID) of SAMPLES against REF; prints and writes one JSON."""
     parser = argparse.ArgumentParser(
         prog="eval/fid.py",
-        description="FID, Inception Score, precision/recall (and KID) with torch-fidelity's TF-compatible "
+        description="FID, sFID, Inception Score, precision/recall (and KID) with torch-fidelity's TF-compatible "
                     "Inception, comparable with the ADM evaluator. See docs/fid.md.")
     parser.add_argument("samples", help="ADM-format .npz (uint8 NHWC arr_0, as sample.py writes) or a folder of images")
     parser.add_argument("--ref", default=None,
