@@ -1,4 +1,4 @@
-"""FID, Inception Score, KID and precision/recall comparable with the ADM evaluator (the library behind `eval/fid.py`).
+"""FID, sFID, Inception Score, KID and precision/recall comparable with the ADM evaluator (the library behind `eval/fid.py`).
 
 Protocol (see docs/fid.md and the evaluation section of the reference notes):
 
