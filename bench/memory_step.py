@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_step import machine_line, make_optimizer, sync, timed_rounds  # noqa: E402
+from moe_step import (  # noqa: E402
+    child_peak_rss_mib,
+    cuda_peak_mib,
+    machine_line,
+    make_optimizer,
+    print_layer_table,
+    timed_rounds,
+)
 
 from racedit.models import count_macs, count_params, create_model  # noqa: E402
 from racedit.models.records import ForwardRecord  # noqa: E402
@@ -85,19 +91,11 @@ class TrainStep:
 
 def peak_memory_mib(label: str, args, device: torch.device, bf16: bool) -> float:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        step = TrainStep(variants(args.keys, args.topk, args.kinds)[label], args.batch, device, bf16)
-        step()
-        step()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        del step
-        return peak
-    cmd = [sys.executable, __file__, "--memory-child", label, "--batch", str(args.batch), "--keys", str(args.keys),
-           "--topk", str(args.topk), "--kinds", args.kinds, "--threads", str(torch.get_num_threads())]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+        over = variants(args.keys, args.topk, args.kinds)[label]
+        return cuda_peak_mib(lambda: TrainStep(over, args.batch, device, bf16), device)
+    return child_peak_rss_mib([sys.executable, __file__, "--memory-child", label, "--batch", str(args.batch),
+                               "--keys", str(args.keys), "--topk", str(args.topk), "--kinds", args.kinds,
+                               "--threads", str(torch.get_num_threads())])
 
 
 def memory_child(args) -> None:
@@ -177,13 +175,8 @@ def layer_table(args, device: torch.device) -> None:
             cfg = create_model(BASE, **over, depth=1).config
             steps[f"memory layer {label[2:]}"] = LayerStep(build_memory(cfg, 0), args.batch, device, memory=True)
     times = timed_rounds(steps, args.warmup, args.iters * 2, device)
-    dense = next(iter(steps))
-    print(f"\n### One layer alone (fwd + bwd), u = ({args.batch}, 256, 384), {device.type}\n")
-    print("| layer | ms (median wall) | / dense MLP | CPU ms |")
-    print("|---|---|---|---|")
-    for label in steps:
-        t = times[label]
-        print(f"| {label} | {t['wall_ms']:.1f} | {t['wall_ms'] / times[dense]['wall_ms']:.2f} | {t['cpu_ms']:.1f} |")
+    print_layer_table(f"One layer alone (fwd + bwd), u = ({args.batch}, 256, 384), {device.type}", times,
+                      "dense MLP", digits=1)
 
 
 def slots_read(path: str, batch: int) -> None:

@@ -127,17 +127,26 @@ class LayerStep:
 def peak_memory_mib(name: str, batch: int, device: torch.device, bf16: bool) -> float:
     """Peak memory of two train steps of one model: a fresh subprocess's max RSS (CPU) or CUDA allocator peak."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        step = TrainStep(name, batch, device, bf16)
-        step()
-        step()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        del step
-        return peak
-    cmd = [sys.executable, __file__, "--memory-child", name, "--batch", str(batch),
-           "--threads", str(torch.get_num_threads())]
+        return cuda_peak_mib(lambda: TrainStep(name, batch, device, bf16), device)
+    return child_peak_rss_mib([sys.executable, __file__, "--memory-child", name, "--batch", str(batch),
+                               "--threads", str(torch.get_num_threads())])
+
+
+def cuda_peak_mib(make_step, device: torch.device) -> float:
+    """The CUDA allocator's peak (MiB) over two calls of the step `make_step()` builds."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step = make_step()
+    step()
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    del step
+    return peak
+
+
+def child_peak_rss_mib(cmd: list[str]) -> float:
+    """Run a `--memory-child` command line; its last stdout line is {"peak_rss_mib": ...}."""
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -201,13 +210,19 @@ def layer_table(args, device: torch.device) -> None:
         layers[f"MoE {k}in{experts} (expert_race)"] = MoEFeedForward(dim, experts, k, target_dim=16)
     steps = {name: LayerStep(layer, args.batch, tokens, dim, device) for name, layer in layers.items()}
     times = timed_rounds(steps, args.warmup, args.iters * 2, device)
-    dense = next(iter(layers))
-    print(f"\n### Feed-forward layer alone (fwd + bwd), u = ({args.batch}, {tokens}, {dim}), {device.type}\n")
-    print("| layer | ms (median wall) | / dense | CPU ms |")
+    print_layer_table(f"Feed-forward layer alone (fwd + bwd), u = ({args.batch}, {tokens}, {dim}), {device.type}",
+                      times, "dense")
+
+
+def print_layer_table(title: str, times: dict[str, dict], baseline: str, digits: int = 2) -> None:
+    """A markdown table of `timed_rounds` results: wall ms, ratio to the first row (`baseline`), CPU ms."""
+    first = next(iter(times))
+    print(f"\n### {title}\n")
+    print(f"| layer | ms (median wall) | / {baseline} | CPU ms |")
     print("|---|---|---|---|")
-    for name in layers:
-        t = times[name]
-        print(f"| {name} | {t['wall_ms']:.2f} | {t['wall_ms'] / times[dense]['wall_ms']:.3f} | {t['cpu_ms']:.2f} |")
+    for name, t in times.items():
+        print(f"| {name} | {t['wall_ms']:.{digits}f} | {t['wall_ms'] / times[first]['wall_ms']:.{digits + 1}f} | "
+              f"{t['cpu_ms']:.{digits}f} |")
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,27 @@ def tiny_config(tmp_path):
         return make_tiny_config(out_dir if out_dir is not None else tmp_path / "run", *overrides)
 
     return make
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(worker, out_dir: str | Path, world: int = 2, timeout: float = 120.0) -> list[dict]:
+    """Run `worker(rank, world, port, out_dir)` in `world` forked processes and return what each rank saved
+    to `out_dir/rank{r}.pt` (tensors only). Fork, not spawn: the children need no fresh interpreter and
+    imports (seconds each); workers set their own thread count first. Fails the test after `timeout` s."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                                 start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} gloo workers did not finish within {timeout:.0f} s")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]

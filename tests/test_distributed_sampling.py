@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from racedit.models import create_model
 from racedit.sampling import (
@@ -55,12 +55,6 @@ def test_labels_and_sample_seeds():
     assert len(seeds) == 3000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_resume_and_match_a_single_process_run(tiny_checkpoint, tmp_path):
     loaded = load_for_sampling(tiny_checkpoint)
     scfg = loaded.config.sample
@@ -86,7 +80,7 @@ def test_two_processes_resume_and_match_a_single_process_run(tiny_checkpoint, tm
     for _attempt in range(3):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(ROOT / "sample.py"), "--ckpt", str(tiny_checkpoint),
+               "--main_process_port", str(free_port()), str(ROOT / "sample.py"), "--ckpt", str(tiny_checkpoint),
                "--per-class", str(PER_CLASS), "--seed", str(SEED), "--batch-size", str(BATCH), "--out", str(out),
                "--device", "cpu", "--quiet"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo_workers
 
 from racedit.config import LossConfig, SampleConfig
 from racedit.data.codec import IdentityCodec
@@ -327,12 +325,6 @@ def global_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, mask
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def global_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -351,15 +343,7 @@ def global_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_global_scope_losses_equal_the_concatenated_batch_and_average_to_its_gradient(tmp_path):
-    context = mp.start_processes(global_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="fork")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo workers did not finish within 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_gloo_workers(global_worker, tmp_path)
     logits, mask = global_inputs()
     for name, fn in (("rsl", router_similarity_loss), ("bal", balance_loss)):
         whole = logits.clone().requires_grad_(True)

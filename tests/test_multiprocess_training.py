@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from racedit.config import load_config
 from racedit.data.images import write_standin_image_folder
@@ -28,12 +28,6 @@ TINY_LATENT_RUN = [
     "train.steps=7", "train.global_batch=8", "train.lr=1e-3", "train.ema_decay=0.9", "train.log_every=1",
     "train.ckpt_every=3", "train.sample_every=0", "train.seed=5",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, overrides: list[str], result_dir: str) -> None:

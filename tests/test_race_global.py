@@ -5,13 +5,9 @@ Letters: B images per rank, L tokens per image, D width, E experts, k experts pe
 
 from __future__ import annotations
 
-import socket
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo_workers
 
 from racedit.models.moe import MoEFeedForward
 from racedit.models.records import ForwardRecord
@@ -31,12 +27,6 @@ def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
     u = torch.randn(sum(RANK_BATCH), L, D, generator=g, dtype=torch.float64)
     ties = torch.randint(0, 3, (sum(RANK_BATCH), L, E), generator=g).double()  # heavy ties across ranks
     return u, ties
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -63,17 +53,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_global_race_equals_single_process_on_concatenated_batch(tmp_path):
-    # fork, not spawn: the children need no fresh interpreter and imports (seconds each); they run with
-    # one thread (set first thing in `worker`), so the parent's OpenMP pool does not matter to them.
-    context = mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="fork")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo workers did not finish within 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_gloo_workers(worker, tmp_path)
 
     u, ties = make_batch()
     single = make_layer()
