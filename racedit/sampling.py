@@ -258,13 +258,34 @@ def _assemble(parts: Path, out: Path, num_batches: int, labels: torch.Tensor, ba
         tmp.unlink(missing_ok=True)
 
 
-def _complete_file_matches(out: Path, meta: dict, labels: torch.Tensor) -> bool:
+def _complete_file_matches(out: Path, meta: dict, labels: torch.Tensor, loaded: LoadedCheckpoint) -> bool:
     try:
         with np.load(out, allow_pickle=False) as z:
-            return (json.loads(str(z["metadata"])) == json.loads(json.dumps(meta))
-                    and np.array_equal(z["labels"], labels.numpy()))
+            saved = json.loads(str(z["metadata"]))
+            _adopt_saved_thresholds(loaded, meta, saved)
+            return saved == json.loads(json.dumps(meta)) and np.array_equal(z["labels"], labels.numpy())
     except Exception:
         return False
+
+
+def _adopt_saved_thresholds(loaded: LoadedCheckpoint, meta: dict, saved_meta: dict | None) -> bool:
+    """When this run recalibrated tau with the same settings (batches, batch size, seed) as the job recorded in
+    `saved_meta`, take the job's taus into the model and `meta` and return True. Every batch of a job then
+    uses the same taus, across processes and resumes, even where GPU kernels change a recalibration's last
+    bits."""
+    cal, saved = loaded.threshold_calibration, (saved_meta or {}).get("threshold")
+    mine = meta.get("threshold")
+    if cal is None or not isinstance(saved, dict) or not isinstance(mine, dict):
+        return False
+    if any(saved.get(k) != mine[k] for k in ("batches", "batch_size", "seed")) or \
+            set(saved.get("tau", {})) != set(mine["tau"]):
+        return False
+    taus = {int(i): float(v) for i, v in saved["tau"].items()}
+    for layer in threshold_layers(loaded.model):
+        layer.tau.fill_(taus[layer.layer_index])
+    cal.tau_after = taus
+    meta["threshold"] = cal.metadata()
+    return True
 
 
 def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: str | Path, sample_cfg: SampleConfig,
@@ -313,11 +334,14 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
                              conversion=UINT8_CONVERSION)
     say = print if (progress and is_main) else (lambda *a, **k: None)
 
-    if out.exists() and not parts.exists() and _complete_file_matches(out, meta, labels):
+    if out.exists() and not parts.exists() and _complete_file_matches(out, meta, labels, loaded):
         say(f"{out} already holds these {n} samples; nothing to do")
         return out
-    job = json.loads(json.dumps({"metadata": meta, "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
-                                 "weights_fingerprint": _weights_fingerprint(loaded)}, sort_keys=True))
+    def job_of(meta: dict) -> dict:
+        return json.loads(json.dumps({"metadata": meta, "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                                      "weights_fingerprint": _weights_fingerprint(loaded)}, sort_keys=True))
+
+    job = job_of(meta)
     if is_main:
         parts.mkdir(parents=True, exist_ok=True)
         job_file = parts / "job.json"
@@ -329,6 +353,8 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
             say(f"note: {out} exists with other samples; it will be replaced when this job completes")
     state.wait_for_everyone()
     found = json.loads((parts / "job.json").read_text())
+    if _adopt_saved_thresholds(loaded, meta, found.get("metadata")):
+        job = job_of(meta)
     if found != job:
         keys = sorted({k for k in {**found.get("metadata", {}), **meta}
                        if found.get("metadata", {}).get(k) != job["metadata"].get(k)})

@@ -169,3 +169,36 @@ def test_sample_py_calibration_error_for_a_dense_checkpoint(tiny_config, tmp_pat
     rc = sample_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--calibrate-threshold", "1",
                       "--device", "cpu"])
     assert rc == 2 and "no MoE layer" in capsys.readouterr().err
+
+
+def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_path, monkeypatch, capsys):
+    import racedit.sampling as sampling
+
+    out = tmp_path / "s.npz"
+    base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "8", "--batch-size", "4",
+            "--steps", "2", "--device", "cpu", "--quiet", "--calibration-batch", "8"]
+    args = [*base, "--calibrate-threshold", "2"]
+    assert sample_main([*args, "--max-batches", "1"]) == 0 and not out.exists()
+    started = json.loads((tmp_path / "s.npz.parts" / "job.json").read_text())["metadata"]["threshold"]["tau"]
+
+    real = sampling.calibrate_thresholds
+
+    def last_bits_differ(model, *a, **k):  # what another GPU run of the same recalibration may give
+        cal = real(model, *a, **k)
+        for layer in threshold_layers(model):
+            layer.tau.add_(1e-6)
+        cal.tau_after = {i: v + 1e-6 for i, v in cal.tau_after.items()}
+        return cal
+
+    monkeypatch.setattr(sampling, "calibrate_thresholds", last_bits_differ)
+    assert sample_main(args) == 0 and out.exists()
+    with np.load(out) as z:
+        assert json.loads(str(z["metadata"]))["threshold"]["tau"] == started
+    written = out.stat().st_mtime_ns
+    assert sample_main(args) == 0 and out.stat().st_mtime_ns == written  # recognised as done, not resampled
+    # other calibration settings make another job: refused, naming the setting
+    out.unlink()
+    assert sample_main([*args, "--max-batches", "1"]) == 0
+    capsys.readouterr()
+    assert sample_main([*base, "--calibrate-threshold", "3"]) == 2
+    assert "differs in: threshold" in capsys.readouterr().err
