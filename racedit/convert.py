@@ -838,21 +838,16 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
     finally:
         for hook in hooks:
             hook.remove()
+    from racedit.models.moe import thresholds_kept
+
     layer = 0.0
-    states = []
-    for block in moe_model.blocks:
-        states.append((block.mlp.tau.clone(), block.mlp.threshold_initialized.clone()))
-    moe_model.train(train_mode)
-    try:
+    with thresholds_kept(moe_model):
+        moe_model.train(train_mode)
         out = moe_model(x, t, y, label_dropout=False)
         for i, (dense_block, block) in enumerate(zip(dense.blocks, moe_model.blocks)):
             a, b = block.mlp(inputs[i]), dense_block.mlp(inputs[i])
             layer = max(layer, float((a - b).norm() / b.norm().clamp_min(1e-30)))
-    finally:
-        moe_model.eval()
-        for block, (tau, init) in zip(moe_model.blocks, states):
-            block.mlp.tau.copy_(tau)
-            block.mlp.threshold_initialized.copy_(init)
+    moe_model.eval()
     diff = out - ref
     return {"relative": float(diff.norm() / ref.norm().clamp_min(1e-30)), "max_abs": float(diff.abs().max()),
             "max_layer_relative": layer}

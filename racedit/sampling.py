@@ -26,12 +26,8 @@ from racedit.data.codec import Codec
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
 from racedit.models import DiT, create_model
-from racedit.training.calibration import (
-    ThresholdCalibration,
-    calibrate_thresholds,
-    threshold_layers,
-    training_batches,
-)
+from racedit.models.moe import threshold_layers
+from racedit.training.calibration import ThresholdCalibration, calibrate_thresholds, training_batches
 from racedit.training.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
 
 

@@ -14,8 +14,9 @@ from racedit.cli import sample_main
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.evaluation.routing import experts_per_token
 from racedit.models import create_model
+from racedit.models.moe import threshold_layers
 from racedit.models.records import ForwardRecord
-from racedit.training.calibration import calibrate_thresholds, threshold_layers, training_batches
+from racedit.training.calibration import calibrate_thresholds, training_batches
 from racedit.training.checkpoint import save_checkpoint
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, learn_sigma=False)

@@ -10,8 +10,10 @@ K selected (token, expert) pairs, P = patch*patch*in_channels (target-head outpu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -372,3 +374,28 @@ class MoEFeedForward(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, experts={self.num_experts}, k={self.k}, hidden={self.hidden}, "
                 f"routing={self.routing}, gating={self.gating}, race_scope={self.race_scope}")
+
+
+def threshold_layers(model: nn.Module) -> list[MoEFeedForward]:
+    """The MoE layers of `model` that select with `S >= tau` in eval mode, in model order."""
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.uses_threshold]
+
+
+@contextlib.contextmanager
+def thresholds_kept(model: nn.Module) -> Iterator[None]:
+    """Inside, `model` may run training-mode forwards (the batch top-K, local to this process: no collective
+    even under race_scope="global") without moving its inference thresholds; on exit every MoE layer's tau,
+    its initialised flag and race_scope, and the model's train/eval mode, are what they were."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    saved = [(m, m.race_scope, m.tau.clone(), m.threshold_initialized.clone()) for m in layers]
+    was_training = model.training
+    try:
+        for m in layers:
+            m.race_scope = "local"
+        yield
+    finally:
+        model.train(was_training)
+        for m, scope, tau, initialized in saved:
+            m.race_scope = scope
+            m.tau.copy_(tau)
+            m.threshold_initialized.copy_(initialized)

@@ -18,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from racedit.diffusion.objectives import Objective
+from racedit.models.moe import threshold_layers, thresholds_kept
 from racedit.models.records import ForwardRecord
+from racedit.training.objective_step import MicroBatchDraws
 
 
 @dataclass
@@ -38,13 +40,6 @@ class ThresholdCalibration:
     def metadata(self) -> dict:
         return {"batches": self.batches, "batch_size": self.batch_size, "seed": self.seed,
                 "tau": {str(i): v for i, v in sorted(self.tau_after.items())}}
-
-
-def threshold_layers(model: torch.nn.Module) -> list:
-    """The MoE layers that select with `S >= tau` in eval mode, in model order."""
-    from racedit.models.moe import MoEFeedForward
-
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.uses_threshold]
 
 
 @torch.no_grad()
@@ -71,13 +66,9 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
     gen = torch.Generator().manual_seed(seed)
     sums = {m.layer_index: 0.0 for m in layers}
     before = {m.layer_index: float(m.tau) for m in layers}
-    saved = [(m, m.race_scope, m.tau.clone(), m.threshold_initialized.clone()) for m in layers]
-    was_training = model.training
     batch_size = 0
-    model.train()  # the training selection, whose K-th largest score is what tau estimates
-    try:
-        for m in layers:
-            m.race_scope = "local"
+    with thresholds_kept(model):  # the training forwards below would move tau: it is put back first
+        model.train()  # the training selection, whose K-th largest score is what tau estimates
         it: Iterator = iter(batches)
         for _ in tqdm(range(num_batches), desc="calibrate tau", disable=not progress, leave=False):
             try:
@@ -88,18 +79,13 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
             t = objective.sample_t(len(x0), torch.device("cpu"), gen)
             noise = torch.randn(x0.shape, generator=gen)
             drop = torch.rand(len(x0), generator=gen) < label_dropout
-            s = objective.sample(x0, t=t.to(x0.device), noise=noise.to(x0.device, x0.dtype))
-            labels = torch.where(drop.to(y.device), torch.full_like(y, model.num_classes), y)
+            draws = MicroBatchDraws(t.to(x0.device), noise.to(x0.device, x0.dtype), drop.to(y.device),
+                                    model.num_classes)
+            s = objective.sample(x0, t=draws.t, noise=draws.noise)
             record = ForwardRecord()
-            model(s.x_t, objective.model_time(s.t), labels, record=record, label_dropout=False)
+            model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
             for i in sums:
                 sums[i] += float(record.moe[i].kth_score)
-    finally:
-        model.train(was_training)
-        for m, scope, tau, initialized in saved:  # the training forwards moved tau: put it back first
-            m.race_scope = scope
-            m.tau.copy_(tau)
-            m.threshold_initialized.copy_(initialized)
     for m in layers:
         m.tau.fill_(sums[m.layer_index] / num_batches)
         m.threshold_initialized.fill_(True)
