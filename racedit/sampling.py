@@ -258,23 +258,30 @@ def _complete_file_matches(out: Path, meta: dict, labels: torch.Tensor, loaded: 
     try:
         with np.load(out, allow_pickle=False) as z:
             saved = json.loads(str(z["metadata"]))
-            _adopt_saved_thresholds(loaded, meta, saved)
-            return saved == json.loads(json.dumps(meta)) and np.array_equal(z["labels"], labels.numpy())
+            if not np.array_equal(z["labels"], labels.numpy()):
+                return False
+        _adopt_saved_thresholds(loaded, meta, saved)
+        return saved == json.loads(json.dumps(meta))
     except Exception:
         return False
 
 
 def _adopt_saved_thresholds(loaded: LoadedCheckpoint, meta: dict, saved_meta: dict | None) -> bool:
-    """When this run recalibrated tau with the same settings (batches, batch size, seed) as the job recorded in
-    `saved_meta`, take the job's taus into the model and `meta` and return True. Every batch of a job then
-    uses the same taus, across processes and resumes, even where GPU kernels change a recalibration's last
-    bits."""
+    """When `saved_meta` records the same job as `meta` (every setting equal, the recalibrated taus aside), take
+    the job's taus into the model and `meta` and return True. Every batch of a job then uses the same taus,
+    across processes and resumes, even where GPU kernels change a recalibration's last bits; a job with any
+    other setting (checkpoint, weights, sampler, calibration, ...) never lends its taus."""
     cal, saved = loaded.threshold_calibration, (saved_meta or {}).get("threshold")
     mine = meta.get("threshold")
     if cal is None or not isinstance(saved, dict) or not isinstance(mine, dict):
         return False
-    if any(saved.get(k) != mine[k] for k in ("batches", "batch_size", "seed")) or \
-            set(saved.get("tau", {})) != set(mine["tau"]):
+
+    def without_taus(m: dict) -> dict:
+        m = json.loads(json.dumps(m))
+        m["threshold"]["tau"] = sorted(m["threshold"].get("tau", {}))  # the layers, not their values
+        return m
+
+    if without_taus(saved_meta) != without_taus(meta):
         return False
     taus = {int(i): float(v) for i, v in saved["tau"].items()}
     for layer in threshold_layers(loaded.model):

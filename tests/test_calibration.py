@@ -203,3 +203,29 @@ def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_p
     capsys.readouterr()
     assert sample_main([*base, "--calibrate-threshold", "3"]) == 2
     assert "differs in: threshold" in capsys.readouterr().err
+
+
+def test_a_finished_npz_of_another_job_lends_no_taus(race_checkpoint, tmp_path, monkeypatch):
+    import racedit.sampling as sampling
+
+    out = tmp_path / "s.npz"
+    base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "4", "--batch-size", "4",
+            "--steps", "2", "--device", "cpu", "--quiet", "--calibration-batch", "8", "--calibrate-threshold", "2"]
+    assert sample_main(base) == 0
+    with np.load(out) as z:
+        first = json.loads(str(z["metadata"]))["threshold"]["tau"]
+    real = sampling.calibrate_thresholds
+
+    def shifted(model, *a, **k):  # the live weights of another checkpoint: other taus
+        cal = real(model, *a, **k)
+        for layer in threshold_layers(model):
+            layer.tau.add_(0.5)
+        cal.tau_after = {i: v + 0.5 for i, v in cal.tau_after.items()}
+        return cal
+
+    monkeypatch.setattr(sampling, "calibrate_thresholds", shifted)
+    assert sample_main([*base, "--no-ema"]) == 0  # another job (live weights) writing the same --out
+    with np.load(out) as z:
+        meta = json.loads(str(z["metadata"]))
+    assert meta["weights"] == "model"
+    assert meta["threshold"]["tau"] == {i: v + 0.5 for i, v in first.items()}
