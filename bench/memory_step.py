@@ -77,7 +77,7 @@ class TrainStep:
 
     def __call__(self) -> None:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        record = ForwardRecord()
+        record = ForwardRecord(diagnostics=True)
         with amp:
             out = self.model(self.x, self.t, self.y, record=record)
             loss = F.mse_loss(out[:, :4].float(), self.target)
@@ -203,7 +203,7 @@ def slots_read(path: str, batch: int) -> None:
     noised = objective.sample(x0, t=t, noise=torch.randn(x0.shape, generator=g))
 
     def read() -> str:
-        record = ForwardRecord()
+        record = ForwardRecord(diagnostics=True)
         with torch.no_grad():
             model(noised.x_t, objective.model_time(noised.t), y, record=record, label_dropout=False)
         return " | ".join(f"{100 * float(record.memory[i]['slots_touched']):.1f}%" for i in sorted(record.memory))

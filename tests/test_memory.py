@@ -62,7 +62,7 @@ def test_fresh_model_with_memory_equals_model_without(kind, name):
     assert result.missing_keys and all(".memory." in k for k in result.missing_keys)
     x, t, y = _inputs()
     ref = base(x, t, y, label_dropout=False)
-    rec = ForwardRecord()
+    rec = ForwardRecord(diagnostics=True)
     out = model(x, t, y, record=rec, label_dropout=False)
     assert ref.abs().max() > 1e-2
     assert torch.equal(out, ref)  # exactly: the memory branch enters through a zero gate

@@ -147,7 +147,7 @@ def collect_routing_stats(model, objective, x0: torch.Tensor, labels: torch.Tens
         for lo in range(0, n, batch_size):
             xb, nb = x0[lo:lo + batch_size].to(device), noise[lo:lo + batch_size].to(device)
             tb = t.repeat(len(xb)).to(device)
-            record = ForwardRecord()
+            record = ForwardRecord(diagnostics=True)
             model(objective.add_noise(xb, tb, nb.to(xb.dtype)), objective.model_time(tb), labels[lo:lo + len(xb)].to(device),
                   record=record)
             blocks = sorted(record.moe)

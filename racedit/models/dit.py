@@ -155,7 +155,7 @@ class DiTBlock(nn.Module):
         ff_out = gate_mlp.unsqueeze(1) * self.mlp(u, record)
         if self.memory is not None:
             ff_out = ff_out + self.memory(u, c, record)
-        if record is not None:  # Fig. 5 diagnostic: size of what each branch adds to the residual
+        if record is not None and record.diagnostics:  # Fig. 5: size of what each branch adds to the residual
             record.block_output_norms[self.layer_index] = torch.stack(
                 [attn_out.detach().float().norm(dim=-1).mean(), ff_out.detach().float().norm(dim=-1).mean()])
         return self.mlp_connection.depth(ff_out, carry)

@@ -57,7 +57,7 @@ Assumptions ((A) in the notes, each a config option where a choice matters):
   - The EMA copy of a model gets its own pre-filter refresh from its averaged cores (the training loop).
 
 Cost in a DiT (the notes, section 0): a training batch makes B*T*J reads per layer, usually many times the
-S rows (`ForwardRecord.memory[i]["slots_touched"]` measures the share of rows read: about 20-30% at
+S rows (`ForwardRecord(diagnostics=True).memory[i]["slots_touched"]` measures the share of rows read: about 20-30% at
 init, 76-97% in most layers of a digits model after 400 steps). And training pays for the whole table
 every step anyway: dense table gradients and AdamW state. So the small-batch decoding advantage of
 memory layers does not carry over; what does is a large parameter increase for few MACs, paid for in
@@ -316,11 +316,11 @@ class MemoryLayer(nn.Module, ABC):  # ABC: `read` is each kind's own
         """Forward MACs of one token's read (subclasses)."""
 
     def forward(self, u: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
-        """u (B, T, D), c (B, D) -> (B, T, D). Fills record.memory[layer_index] with "slots_touched" (a ()
-        tensor: the fraction of the S rows this batch read) and "reads" (B*T*J)."""
+        """u (B, T, D), c (B, D) -> (B, T, D). With `record.diagnostics`, fills record.memory[layer_index] with
+        "slots_touched" (a () tensor: the fraction of the S rows this batch read) and "reads" (B*T*J)."""
         B, T, D = u.shape
         out, slots = self.read(u.reshape(B * T, D))
-        if record is not None:
+        if record is not None and record.diagnostics:
             with torch.no_grad():
                 hit = torch.zeros(self.slots, device=slots.device).index_fill_(0, slots.reshape(-1), 1.0)
             record.memory[self.layer_index] = {"slots_touched": hit.mean(), "reads": slots.numel()}

@@ -29,8 +29,13 @@ class MoELayerRecord:
 
 @dataclass
 class ForwardRecord:
-    """Filled during one `DiT.forward`; read by the losses and the diagnostics, then dropped."""
+    """Filled during one `DiT.forward`; read by the losses and the diagnostics, then dropped.
 
+    `moe` is always filled (the losses need it). The diagnostics-only fields, `block_output_norms` and
+    `memory`, are filled only when `diagnostics` is set, so ordinary training steps do not pay for them.
+    """
+
+    diagnostics: bool = False
     moe: dict[int, MoELayerRecord] = field(default_factory=dict)  # block index -> record
     block_output_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> (2,) attn/ff branch norms
     memory: dict[int, dict] = field(default_factory=dict)  # block index -> memory-layer statistics

@@ -234,11 +234,12 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     step = start_step
     while step < end_step:
         terms_acc: dict[str, float] = {}
+        diagnose = is_main and diagnostics_due(step + 1, tc.diagnostics_every, tc.log_every, end_step)
         for accum_index in range(tc.grad_accum):
             x0, y = next(loader)
             draws = randomness.for_micro_batch(step, accum_index, x0.shape[1:], device)
             with accelerator.accumulate(train_model):
-                record = ForwardRecord()
+                record = ForwardRecord(diagnostics=diagnose and accum_index == tc.grad_accum - 1)
                 terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
                 accelerator.backward(terms["loss"])
                 for k, v in terms.items():  # kept on the device: no host sync per term
@@ -259,8 +260,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                         model.after_optimizer_step()  # e.g. UltraMem's Tucker pre-filter refresh
                     optimizer.zero_grad(set_to_none=True)
         # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
-        diag = (routing_diagnostics(record, timestep_fraction(objective, draws.t))
-                if is_main and diagnostics_due(step + 1, tc.diagnostics_every, tc.log_every, end_step) else {})
+        diag = routing_diagnostics(record, timestep_fraction(objective, draws.t)) if diagnose else {}
         if accelerator.num_processes > 1:  # log the whole global batch's losses, not only this process's rows
             keys = sorted(terms_acc)
             local = torch.tensor([terms_acc[k] for k in keys], dtype=torch.float64, device=device)
