@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -25,6 +24,7 @@ from racedit.config import Config, SampleConfig
 from racedit.data.codec import Codec
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
+from racedit.fileio import atomic_path, atomic_write_text
 from racedit.models import DiT, create_model
 from racedit.models.moe import threshold_layers
 from racedit.training.calibration import ThresholdCalibration, calibrate_thresholds, training_batches
@@ -203,11 +203,8 @@ def _weights_fingerprint(loaded: LoadedCheckpoint) -> dict:
 
 
 def _save_batch(parts: Path, b: int, images: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
-    final = _batch_file(parts, b)
-    tmp = parts / f".{final.stem}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(_batch_file(parts, b)) as tmp, open(tmp, "wb") as f:  # a batch file is absent or complete
         np.savez(f, images=images, indices=indices, labels=labels)
-    os.replace(tmp, final)  # a batch file is either absent or complete
 
 
 def _npy_entry(zf: zipfile.ZipFile, name: str):
@@ -222,36 +219,31 @@ def _assemble(parts: Path, out: Path, num_batches: int, labels: torch.Tensor, ba
     n = len(labels)
     with np.load(_batch_file(parts, 0)) as z:
         image_shape = z["images"].shape[1:]
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with _npy_entry(zf, "arr_0") as f:
-                npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                                               "shape": (n, *image_shape)})
-                for b in range(num_batches):
-                    path = _batch_file(parts, b)
-                    lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-                    try:
-                        with np.load(path) as z:
-                            images, indices, lab = z["images"], z["indices"], z["labels"]
-                    except Exception as e:
-                        path.unlink(missing_ok=True)
-                        raise SamplingError(f"batch file {path} was unreadable ({type(e).__name__}: {e}) and has "
-                                            f"been removed; run the same command again to regenerate it") from e
-                    if (images.dtype != np.uint8 or images.shape != (hi - lo, *image_shape)
-                            or not np.array_equal(indices, np.arange(lo, hi))
-                            or not np.array_equal(lab, labels[lo:hi].numpy())):
-                        path.unlink(missing_ok=True)
-                        raise SamplingError(f"batch file {path} does not hold samples {lo}..{hi - 1} as expected and "
-                                            f"has been removed; run the same command again to regenerate it")
-                    f.write(np.ascontiguousarray(images).data)
-            with _npy_entry(zf, "labels") as f:
-                npy.write_array(f, labels.numpy().astype(np.int64), allow_pickle=False)
-            with _npy_entry(zf, "metadata") as f:
-                npy.write_array(f, np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with _npy_entry(zf, "arr_0") as f:
+            npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                                           "shape": (n, *image_shape)})
+            for b in range(num_batches):
+                path = _batch_file(parts, b)
+                lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+                try:
+                    with np.load(path) as z:
+                        images, indices, lab = z["images"], z["indices"], z["labels"]
+                except Exception as e:
+                    path.unlink(missing_ok=True)
+                    raise SamplingError(f"batch file {path} was unreadable ({type(e).__name__}: {e}) and has "
+                                        f"been removed; run the same command again to regenerate it") from e
+                if (images.dtype != np.uint8 or images.shape != (hi - lo, *image_shape)
+                        or not np.array_equal(indices, np.arange(lo, hi))
+                        or not np.array_equal(lab, labels[lo:hi].numpy())):
+                    path.unlink(missing_ok=True)
+                    raise SamplingError(f"batch file {path} does not hold samples {lo}..{hi - 1} as expected and "
+                                        f"has been removed; run the same command again to regenerate it")
+                f.write(np.ascontiguousarray(images).data)
+        with _npy_entry(zf, "labels") as f:
+            npy.write_array(f, labels.numpy().astype(np.int64), allow_pickle=False)
+        with _npy_entry(zf, "metadata") as f:
+            npy.write_array(f, np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False)
 
 
 def _complete_file_matches(out: Path, meta: dict, labels: torch.Tensor, loaded: LoadedCheckpoint) -> bool:
@@ -349,9 +341,7 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
         parts.mkdir(parents=True, exist_ok=True)
         job_file = parts / "job.json"
         if not job_file.exists():
-            tmp = parts / f".job.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(job, indent=1, sort_keys=True))
-            os.replace(tmp, job_file)
+            atomic_write_text(job_file, json.dumps(job, indent=1, sort_keys=True))
         if out.exists():
             say(f"note: {out} exists with other samples; it will be replaced when this job completes")
     state.wait_for_everyone()

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from racedit.data.codec import AutoencoderKLCodec
 from racedit.data.images import ImageFolder, collate_images, to_model_range
+from racedit.fileio import atomic_write_text, sha256_of
 
 FORMAT = "racedit-latents/1"
 MANIFEST = "manifest.json"
@@ -85,14 +86,6 @@ def _files_digest(files: Sequence[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
@@ -121,7 +114,7 @@ def verify_shard(shard_dir: Path, expected: dict | None = None, checksums: bool 
             return f"unreadable {path.name} ({e})"
         if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
             return f"{path.name} is {arr.dtype}{list(arr.shape)}, expected {info['dtype']}{info['shape']}"
-        if checksums and _sha256(path) != info["sha256"]:
+        if checksums and sha256_of(path) != info["sha256"]:
             return f"{path.name} checksum mismatch"
     if set(meta.get("arrays", {})) != {"moments", "labels", "file_index"}:
         return "shard.json does not list moments, labels and file_index"
@@ -143,7 +136,7 @@ def _write_shard(out: Path, i: int, meta: dict, arrays: dict[str, np.ndarray]) -
             f.flush()
             os.fsync(f.fileno())
         meta["arrays"][name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": path.stat().st_size,
-                                "sha256": _sha256(path)}
+                                "sha256": sha256_of(path)}
     with open(tmp / "shard.json", "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -359,15 +352,9 @@ def _write_manifest(out: Path, images: ImageFolder, plan: list[tuple[int, int]],
         "skipped": skipped,
         "shards": shards,
     })
-    _atomic_write_text(out / "class_to_idx.json", json.dumps(images.class_to_idx, indent=1))
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(out / "class_to_idx.json", json.dumps(images.class_to_idx, indent=1))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_manifest(root: str | Path) -> dict:

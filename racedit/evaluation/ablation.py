@@ -62,6 +62,7 @@ from typing import Any
 import yaml
 
 from racedit.config import Config, ConfigError, load_config, to_yaml
+from racedit.fileio import atomic_write_text
 
 __all__ = [
     "GridError",
@@ -653,9 +654,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
             status[v.name], diverged[v.name] = "diverged", message
             log(f"[{grid.name}] {v.name}: diverged ({message}); going on with the next variant")
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "message": message}, indent=1))
-            tmp.replace(marker)
+            atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "message": message}, indent=1))
             continue
         if result.step < cfg.train.steps:
             status[v.name] = "incomplete"
@@ -669,9 +668,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         row = _finished_row(grid, v, accounting[v.name], run_dir, results)
         log(f"[{grid.name}] {v.name}: {grid.metric}={_fmt(row.get(grid.metric))} "
             f"final loss {row['final_loss']:.4f} train {t_train:.0f}s")
-        tmp = done.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "results": results, "row": row}, indent=1))
-        tmp.replace(done)
+        atomic_write_text(done, json.dumps({"fingerprint": fingerprint, "results": results, "row": row}, indent=1))
         rows.append(row)
     result = GridResult(out_dir=out, rows=rows, status=status, seconds=time.perf_counter() - t_grid,
                         diverged=diverged)

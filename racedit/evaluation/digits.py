@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from racedit.data.digits import NATIVE_SIZE, NUM_CLASSES, DigitsDataset, resize_images
+from racedit.fileio import atomic_path
 
 MIN_HOLDOUT_ACCURACY = 0.97
 FEATURE_DIM = 128
@@ -172,18 +172,12 @@ def _train(image_size: int, verbose: bool) -> DigitsClassifier:
 
 def _save_atomic(model: DigitsClassifier, path: Path, image_size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        meta = {"recipe": json.dumps(_recipe(image_size), sort_keys=True),
-                "holdout_accuracy": f"{model.holdout_accuracy:.6f}"}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"recipe": json.dumps(_recipe(image_size), sort_keys=True),
+            "holdout_accuracy": f"{model.holdout_accuracy:.6f}"}
+    with atomic_path(path) as tmp:  # readers see the old file or the whole new one
         save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared RACEDIT_CACHE should be readable by others
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.chmod(tmp, 0o644)  # a shared RACEDIT_CACHE should be readable by others, whatever the umask
 
 
 def _load(path: Path, image_size: int) -> DigitsClassifier:

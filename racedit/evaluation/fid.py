@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import re
@@ -44,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from racedit.fileio import atomic_path, sha256_of
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -197,14 +198,6 @@ class InceptionWeights:
         return {"path": str(self.path), "sha256": self.sha256, "source": self.source,
                 "verified": self.verified, "expected_sha256_prefix": self.expected_prefix,
                 "is_torch_fidelity_weights": self.sha256.startswith(INCEPTION_SHA256_PREFIX)}
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_inception_path() -> Path:
@@ -553,11 +546,16 @@ def _reference_from_images(p: Path, images, kind: str, extractor, batch_size: in
 
 
 def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: InceptionWeights,
-               max_features: int = 10000, spatial: torch.Tensor | None = None) -> Path:
+               max_features: int = 10000, spatial: torch.Tensor | None = None,
+               statistics: tuple | None = None) -> Path:
     """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (N, 2048), the first
     `max_features` features themselves (for precision/recall; 0 = none), mu_s, sigma_s of the sFID
-    features (N, D) when `spatial` is given, and JSON metadata."""
-    mu, sigma = gaussian_statistics(features)
+    features (N, D) when `spatial` is given, and JSON metadata. `statistics`, (mu, sigma, mu_s, sigma_s)
+    already computed from these features, saves computing them again."""
+    mu, sigma, mu_s, sigma_s = statistics if statistics is not None else (*gaussian_statistics(features),
+                                                                         None, None)
+    if spatial is not None and mu_s is None:
+        mu_s, sigma_s = gaussian_statistics(spatial)
     meta = {"format": STATS_FORMAT, "source": source, "count": len(features),
             "feature_extractor": _extractor_description(weights), "stored_features": min(max_features, len(features)),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -565,13 +563,11 @@ def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: 
     if max_features > 0:
         arrays["features"] = features[:max_features].numpy().astype(np.float32)
     if spatial is not None:
-        arrays["mu_s"], arrays["sigma_s"] = gaussian_statistics(spatial)
+        arrays["mu_s"], arrays["sigma_s"] = mu_s, sigma_s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    tmp.replace(path)
     return path
 
 
@@ -628,7 +624,9 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
         raise EvaluationError(f"--num-samples {s.num_samples} but {samples} holds only {len(images)} images")
     sampling = read_npz_metadata(samples) if isinstance(images, NpzImages) else None
     feats = extract_features(extractor, images, s.batch_size, limit=n, progress=progress, desc="samples")
-    gen = feats[FID_FEATURE]
+    gen, spatial = feats[FID_FEATURE], feats[SFID_FEATURE]
+    mu, sigma = gaussian_statistics(gen)  # once: for the saved statistics and for FID / sFID
+    mu_s, sigma_s = gaussian_statistics(spatial)
 
     report: dict = {
         "label": f"FID-{_label(n)}",
@@ -654,7 +652,7 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
     if save_stats_path is not None:
         src = {"path": str(Path(samples).resolve()), "format": report["samples"]["format"], "count": n}
         report["saved_stats"] = str(save_stats(save_stats_path, gen, src, weights, stats_max_features,
-                                               spatial=feats[SFID_FEATURE]))
+                                               spatial=spatial, statistics=(mu, sigma, mu_s, sigma_s)))
     if ref is not None:
         reference = load_reference(ref, extractor, need_features=s.prc or s.kid, batch_size=s.batch_size,
                                    progress=progress)
@@ -666,16 +664,13 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
                        f"these samples with {weights.sha256[:16]}...: the FID compares different feature spaces")
                 warnings.warn(msg, stacklevel=2)
                 report["notes"].append(msg)
-        mu, sigma = gaussian_statistics(gen)
         m["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
-        spatial = feats[SFID_FEATURE]
         if reference.mu_s is None:
             report["notes"].append("no sFID: the reference has no spatial statistics (mu_s/sigma_s)")
         elif len(reference.mu_s) != spatial.shape[1]:
             report["notes"].append(f"no sFID: the reference's spatial statistics are {len(reference.mu_s)}-d, the "
                                    f"samples' {spatial.shape[1]}-d (another Inception input size?)")
         else:
-            mu_s, sigma_s = gaussian_statistics(spatial)
             m["sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s)
         if reference.features is not None:
             if s.prc:

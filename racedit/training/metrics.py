@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from racedit.fileio import atomic_path
+
 
 class MetricsLogger:
     """Appends rows of scalars; the CSV header grows if a later row brings new names.
@@ -29,12 +31,10 @@ class MetricsLogger:
 
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             w.writerows(self.rows)
-        tmp.replace(self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
