@@ -103,13 +103,21 @@ def _cpu_seconds(proc) -> float:
     return total
 
 
+class PrivateBatches(LatentBatches):
+    """`LatentBatches` whose workers return private tensors (copied into shared memory when sent): the
+    comparison for writing the batch straight into shared memory."""
+
+    def __getitem__(self, indices):
+        return self.dataset.read(indices, getattr(indices, "epoch", None), shared=False)
+
+
 def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, batches: int,
-                per_sample_collate: bool = False) -> tuple[float, float]:
+                per_sample_collate: bool = False, batches_cls: type = LatentBatches) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second over the main process and its workers).
 
-    The training loader's DataLoader (`LatentBatches`, whole batches per item), or with
-    `per_sample_collate` the generic one (`batch_sampler` over `LatentDataset`: split into samples and
-    re-stacked by the default collate)."""
+    The training loader's DataLoader (`batches_cls`, by default `LatentBatches`: whole batches per item),
+    or with `per_sample_collate` the generic one (`batch_sampler` over `LatentDataset`: split into
+    samples and re-stacked by the default collate)."""
     import psutil
 
     ds = LatentDataset(store, sample_posterior=sample_posterior)
@@ -119,7 +127,7 @@ def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, b
         loader = DataLoader(ds, batch_sampler=KeyedMicroBatches(order, 0), num_workers=workers,
                             prefetch_factor=prefetch)
     else:
-        loader = DataLoader(LatentBatches(ds), batch_size=None, sampler=KeyedMicroBatches(order, 0),
+        loader = DataLoader(batches_cls(ds), batch_size=None, sampler=KeyedMicroBatches(order, 0),
                             num_workers=workers, prefetch_factor=prefetch)
     it = iter(loader)
     for _ in range(max(2, 2 * workers)):  # warm-up: workers started, first pages mapped
@@ -131,6 +139,18 @@ def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, b
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
     del it
     return batches * batch / seconds, batches * batch / max(cpu, 1e-9)
+
+
+def normal_draw_ns(batch: int, latent_shape=(4, 32, 32), rounds: int = 20) -> float:
+    """Nanoseconds per normal of the posterior noise as `LatentDataset.read` draws it: a generator
+    seeded per sample, then `torch.randn` of one latent."""
+    gen, x = torch.Generator(), torch.empty((batch, *latent_shape))
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        for i, eps in enumerate(x.unbind(0)):
+            gen.manual_seed(r * batch + i)
+            torch.randn(latent_shape, generator=gen, out=eps)
+    return 1e9 * (time.perf_counter() - t0) / (rounds * x.numel())
 
 
 def main() -> None:
@@ -165,6 +185,12 @@ def main() -> None:
                     how = "per-sample collate" if collate else "LatentBatches (training)"
                     rows.append((f"read {how}, batch {args.batch}, {what}, workers={w}",
                                  f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
+        for w in [w for w in args.workers if w > 0]:
+            sps, per_cpu = bench_reads(store, args.batch, w, True, args.batches, batches_cls=PrivateBatches)
+            rows.append((f"read LatentBatches, private tensors, batch {args.batch}, posterior sample, workers={w}",
+                         f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
+        rows.append(("posterior noise alone (per-sample seeded torch.randn, 1 thread)",
+                     f"{normal_draw_ns(args.batch):.1f} ns per normal"))
     width = max(len(r[0]) for r in rows)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
