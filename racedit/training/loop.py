@@ -167,6 +167,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     if data.num_classes != model.num_classes:
         raise ConfigError(f"the data has {data.num_classes} classes but model.num_classes={model.num_classes}")
     objective = create_objective(cfg.diffusion, model.learn_sigma)
+    codec = build_codec(cfg).to(device)  # for the sample grids: built once, the VAE loads on first decode
     model.grad_checkpointing = tc.grad_checkpointing
 
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tc.ema_decay), use_buffers=True)
@@ -300,7 +301,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
             last_good = save(step) or last_good
             accelerator.wait_for_everyone()
         if is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-            _sample_grid(cfg, ema.module, objective, out_dir / "samples" / f"step_{step:07d}.png", device)
+            _sample_grid(cfg, ema.module, objective, codec, out_dir / "samples" / f"step_{step:07d}.png", device)
     bar.close()
 
     summary: dict = {}
@@ -311,7 +312,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
         accelerator.wait_for_everyone()
         if is_main:
             grid = out_dir / "samples" / f"step_{step:07d}.png"
-            _sample_grid(cfg, ema.module, objective, grid, device)
+            _sample_grid(cfg, ema.module, objective, codec, grid, device)
             summary["grid"] = str(grid)
             if tc.eval_samples_per_class and cfg.data.kind == "digits":
                 from racedit.evaluation.demo import evaluate_digits_model
@@ -326,12 +327,12 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
 
 
 @torch.no_grad()
-def _sample_grid(cfg: Config, model: torch.nn.Module, objective, path: Path, device) -> None:
+def _sample_grid(cfg: Config, model: torch.nn.Module, objective, codec, path: Path, device) -> None:
     """A PNG grid with one row per class (at most 10 classes, 8 samples each), sampled with `cfg.sample`."""
     from racedit.sampling import sample_images, save_grid
 
     per_row = 8
     classes = torch.arange(min(model.num_classes, 10), device=device).repeat_interleave(per_row)
-    images = sample_images(model, objective, build_codec(cfg), classes, cfg.sample, seed=cfg.train.seed,
+    images = sample_images(model, objective, codec, classes, cfg.sample, seed=cfg.train.seed,
                            batch_size=len(classes))
     save_grid(images, path, nrow=per_row)
