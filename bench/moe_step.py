@@ -257,7 +257,7 @@ def main() -> None:
         gpu = torch.device("cuda")
         print(f"\n{machine_line(gpu)}")
         gpu_args = argparse.Namespace(**{**vars(args), "batch": args.gpu_batch})
-        layer_table(args, gpu)
+        layer_table(gpu_args, gpu)
         model_table(GPU_MODELS, gpu_args, gpu, bf16=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 

@@ -511,7 +511,7 @@ def _evaluate(grid: Grid, cfg: Config, checkpoint: Path, run_dir: Path, device: 
         from racedit.evaluation.demo import evaluate_digits_model
 
         return evaluate_digits_model(cfg, loaded.model, loaded.objective, device)
-    from racedit.evaluation.fid import EvalSettings, evaluate
+    from racedit.evaluation.fid import EvalSettings, evaluate, save_report
     from racedit.sampling import write_samples_npz
 
     t0 = time.perf_counter()
@@ -521,7 +521,7 @@ def _evaluate(grid: Grid, cfg: Config, checkpoint: Path, run_dir: Path, device: 
         raise RuntimeError(f"sampling for {run_dir} did not finish; run again to continue")
     report = evaluate(npz, grid.eval.ref or None, grid.eval.inception or None,
                       EvalSettings(device=device, prc=grid.eval.precision_recall), progress=False)
-    (run_dir / "fid.json").write_text(json.dumps(report, indent=1, default=str))
+    save_report(report, run_dir / "fid.json")
     return {**{k: float(v) for k, v in report["metrics"].items()}, "eval_samples": grid.eval.num_samples,
             "eval_seconds": time.perf_counter() - t0}
 

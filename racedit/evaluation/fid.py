@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from racedit.fileio import atomic_path, sha256_of
+from racedit.fileio import atomic_path, atomic_write_text, sha256_of
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -777,14 +777,20 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else _default_report_path(Path(args.samples))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    out = save_report(report, Path(args.out) if args.out else _default_report_path(Path(args.samples)))
     print(format_report(report))
     if report.get("saved_stats"):
         print(f"  stats      {report['saved_stats']}")
     print(f"  report     {out}")
     return 0
+
+
+def save_report(report: dict, path: str | Path) -> Path:
+    """Write `evaluate`'s report as JSON (non-finite numbers as strings, so the file stays valid JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_jsonable(report), indent=2) + "\n")
+    return path
 
 
 def _default_report_path(samples: Path) -> Path:
