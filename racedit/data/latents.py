@@ -180,9 +180,8 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
     out = Path(out)
     images = ImageFolder(data, image_size)
     codec = AutoencoderKLCodec(vae).to(state.device, VAE_DTYPES[vae_dtype])
-    if image_size % codec.downsample:
-        raise ValueError(f"image_size={image_size} is not a multiple of the VAE downsample {codec.downsample}")
-    latent_shape = [codec.channels, image_size // codec.downsample, image_size // codec.downsample]
+    side = codec.model_size(image_size)  # ValueError unless image_size is a multiple of the VAE downsample
+    latent_shape = [codec.channels, side, side]
     vae_path = str(Path(vae).resolve()) if Path(vae).is_dir() else None
     settings = {"format": FORMAT, "vae": str(vae), "image_size": image_size, "scaling_factor": codec.scaling_factor,
                 "shift_factor": codec.shift_factor, "store_dtype": store_dtype, "latent_shape": latent_shape}
@@ -286,9 +285,10 @@ def _read_json(path: Path) -> dict | None:
 def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderKLCodec, batch_size: int,
                   num_workers: int, store_dtype: str, bar, state) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Encode files [start, end) (as is and mirrored): the shard's arrays and its skipped files."""
-    c, h, w = None, None, None
-    cap = end - start
-    moments = labels = file_index = None
+    side = codec.model_size(images.image_size)
+    c, h, w = codec.channels, side, side
+    moments = np.empty((end - start, 2, 2, c, h, w), dtype=store_dtype)
+    labels, file_index = np.empty(end - start, dtype=np.int64), np.empty(end - start, dtype=np.int64)
     n, skipped = 0, []
     loader = DataLoader(Subset(images, range(start, end)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_images,
@@ -302,21 +302,12 @@ def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderK
         if b:
             x = to_model_range(batch.images.to(state.device, non_blocking=True))
             mean, std = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2b, c, h, w) each
-            if moments is None:
-                c, h, w = mean.shape[1:]
-                moments = np.empty((cap, 2, 2, c, h, w), dtype=store_dtype)
-                labels = np.empty(cap, dtype=np.int64)
-                file_index = np.empty(cap, dtype=np.int64)
             both = torch.stack([mean.view(2, b, c, h, w), std.view(2, b, c, h, w)], dim=2)  # (2, b, 2, c, h, w)
             moments[n:n + b] = both.transpose(0, 1).cpu().numpy().astype(store_dtype)
             labels[n:n + b] = batch.labels.numpy()
             file_index[n:n + b] = batch.indices.numpy()
             n += b
         bar.update(b + len(batch.skipped))
-    if moments is None:  # every file of the range was unreadable
-        c, h, w = codec.channels, images.image_size // codec.downsample, images.image_size // codec.downsample
-        moments = np.empty((0, 2, 2, c, h, w), dtype=store_dtype)
-        labels, file_index = np.empty(0, np.int64), np.empty(0, np.int64)
     return {"moments": moments[:n], "labels": labels[:n], "file_index": file_index[:n]}, skipped
 
 
