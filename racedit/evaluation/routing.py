@@ -61,9 +61,14 @@ def max_violation(mask: torch.Tensor) -> torch.Tensor:
 
     0 for perfectly balanced load; E - 1 when one expert takes every selected pair. mask (N, E) bool.
     """
-    load = expert_load(mask)
-    mean = load.mean()
-    return torch.where(mean > 0, (load.max() - mean) / mean.clamp_min(1e-12), torch.full_like(mean, math.nan))
+    return max_violation_from_load(expert_load(mask))
+
+
+def max_violation_from_load(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio from per-expert loads (..., E) -> (...) float64: (max - mean) / mean, NaN where the mean is 0."""
+    load = load.to(torch.float64)
+    mean = load.mean(dim=-1)
+    return torch.where(mean > 0, (load.amax(dim=-1) - mean) / mean.clamp_min(1e-12), torch.full_like(mean, math.nan))
 
 
 def co_activation(mask: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ from racedit.evaluation.routing import (
     combination_curve,
     combination_usage_from_counts,
     expert_load,
+    max_violation_from_load,
+    timestep_fraction,
 )
 from racedit.models.records import ForwardRecord
 
@@ -125,7 +127,7 @@ def report_timesteps(objective, num: int) -> tuple[torch.Tensor, np.ndarray, str
     steps = getattr(objective, "num_timesteps", None)
     if steps:
         t = torch.tensor(np.minimum(np.round(centres * steps), steps - 1), dtype=torch.long)
-        return t, t.numpy() / steps, f"DDPM timestep t (0 = clean, {steps - 1} = pure noise)"
+        return t, timestep_fraction(objective, t).numpy(), f"DDPM timestep t (0 = clean, {steps - 1} = pure noise)"
     return torch.tensor(centres, dtype=torch.float32), centres, "flow time t (0 = clean, 1 = pure noise)"
 
 
@@ -218,7 +220,7 @@ def plot_expert_load(stats: RoutingStats, path: Path) -> Path:
     Y, E = relative.shape
     fig, (ax,) = _figure(max(4.5, 0.35 * E + 2.5), max(3.0, 0.3 * Y + 1.8))
     im = ax.imshow(relative, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
-    maxvio = relative.max(axis=1) - 1.0
+    maxvio = max_violation_from_load(torch.from_numpy(stats.load)).numpy()
     ax.set_yticks(range(Y), [f"block {b} (MaxVio {v:.2f})" for b, v in zip(stats.moe_blocks, maxvio)], fontsize=7)
     ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7 if E <= 32 else 5)
     ax.set_xlabel("expert")
@@ -326,7 +328,7 @@ def layer_table(stats: RoutingStats) -> list[dict]:
         rows.append({
             "block": b, "tau": stats.tau[i], "experts_per_token": counts.mean(),
             "zero_expert_frac": (counts == 0).mean(),
-            "maxvio": (load.max() - load.mean()) / max(load.mean(), 1e-12),
+            "maxvio": float(max_violation_from_load(torch.from_numpy(load))),
             "comb": float(combination_usage_from_counts(torch.from_numpy(stats.co[i]))),
             "norm_attn": stats.norms[:, b, 0].mean(), "norm_ff": stats.norms[:, b, 1].mean(),
         })
