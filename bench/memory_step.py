@@ -19,7 +19,6 @@ Letters: B images per step, T = 256 tokens per image (32x32x4 latents, patch 2),
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +35,7 @@ from moe_step import (  # noqa: E402
     machine_line,
     make_optimizer,
     print_layer_table,
+    print_peak_rss,
     timed_rounds,
 )
 
@@ -102,9 +102,7 @@ def memory_child(args) -> None:
     step = TrainStep(variants(args.keys, args.topk, args.kinds)[args.memory_child], args.batch, torch.device("cpu"), bf16=False)
     step()
     step()
-    with open("/proc/self/status") as f:  # this process's own peak (ru_maxrss would carry the parent's)
-        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mib": hwm_kib / 1024}))
+    print_peak_rss()
 
 
 def table_params(model: torch.nn.Module) -> int:

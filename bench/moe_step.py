@@ -155,6 +155,11 @@ def memory_child(name: str, batch: int) -> None:
     step = TrainStep(name, batch, torch.device("cpu"), bf16=False)
     step()
     step()
+    print_peak_rss()
+
+
+def print_peak_rss() -> None:
+    """The `--memory-child` answer: {"peak_rss_mib": ...} of this process, read by `child_peak_rss_mib`."""
     # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak over the fork.
     with open("/proc/self/status") as f:
         hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))

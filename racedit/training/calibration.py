@@ -64,7 +64,7 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     gen = torch.Generator().manual_seed(seed)
-    sums = {m.layer_index: 0.0 for m in layers}
+    sums: dict[int, torch.Tensor | float] = {m.layer_index: 0.0 for m in layers}  # on the device: no sync per batch
     before = {m.layer_index: float(m.tau) for m in layers}
     batch_size = 0
     with thresholds_kept(model):  # the training forwards below would move tau: it is put back first
@@ -85,9 +85,9 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
             record = ForwardRecord()
             model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
             for i in sums:
-                sums[i] += float(record.moe[i].kth_score)
+                sums[i] = sums[i] + record.moe[i].kth_score.double()
     for m in layers:
-        m.tau.fill_(sums[m.layer_index] / num_batches)
+        m.tau.fill_(float(sums[m.layer_index]) / num_batches)
         m.threshold_initialized.fill_(True)
     return ThresholdCalibration(num_batches, batch_size, seed, before, {m.layer_index: float(m.tau) for m in layers})
 
