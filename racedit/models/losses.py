@@ -18,11 +18,11 @@ Letters: B images, L tokens per image, N = B*L tokens, E experts, P = p*p*C targ
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
 from racedit.models.records import ForwardRecord, MoELayerRecord
+from racedit.models.routing import gather_rows
 
 __all__ = [
     "router_similarity_loss",
@@ -41,40 +41,6 @@ AUX_LOSS_NAMES = {
     "balance": "loss/balance",
     "z_loss": "loss/z_loss",
 }
-
-
-def _world_size(group) -> int:
-    if group is None or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
-def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """Concatenate x (n, ...) of every rank of `group` in rank order -> ((sum n, ...), world size).
-
-    Ranks may hold different n. The other ranks' rows arrive detached; this rank's rows are the live
-    tensor, so gradient flows to the local part only. Without a group (or with one rank) x is returned.
-    All ranks of the group must call this together.
-    """
-    world = _world_size(group)
-    if world == 1:
-        return x, 1
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in torch.cat(sizes).tolist()]
-    largest = max(sizes)
-    local = x.detach()
-    if local.dtype == torch.bool:  # gloo and nccl gather numbers, not booleans
-        local = local.to(torch.uint8)
-    local = local.contiguous()
-    if x.shape[0] < largest:
-        local = torch.cat([local, local.new_zeros(largest - x.shape[0], *x.shape[1:])])
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    rank = dist.get_rank(group)
-    parts = [x if r == rank else p[:s].to(x.dtype) for r, (p, s) in enumerate(zip(parts, sizes))]
-    return torch.cat(parts), world
 
 
 def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
@@ -101,8 +67,9 @@ def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None,
     the loss is then computed over the batch of all its ranks, with gradient to this rank's logits, scaled
     so that data-parallel gradient averaging yields the gradient of the global loss.
     """
-    logits, world = gather_rows(logits, group)
+    logits, sizes = gather_rows(logits, group)
     mask, _ = gather_rows(mask, group)
+    world = len(sizes)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     N, E = logits.shape
     p = torch.softmax(logits.to(dtype), dim=-1)
@@ -122,8 +89,9 @@ def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: floa
     P_e = mean over tokens of softmax(logits)_e. Equals 1 at uniform load. logits (N, E), mask (N, E) bool.
     `group` as in `router_similarity_loss`. Not in the Race-DiT recipe; its Table 2 compares against it.
     """
-    logits, world = gather_rows(logits, group)
+    logits, sizes = gather_rows(logits, group)
     mask, _ = gather_rows(mask, group)
+    world = len(sizes)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     E = logits.shape[1]
     load = mask.detach().to(dtype).sum(dim=0)

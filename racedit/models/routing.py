@@ -102,10 +102,43 @@ def select(scores: torch.Tensor, strategy: str, k: int) -> torch.Tensor:
     return grouped_topk(scores, strategy, k)[0]
 
 
-def _world(group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+def world_size(group) -> int:
+    """Ranks in `group`; 1 for group=None (no group) or without an initialised process group."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate x (n, ...) of every rank of `group` in rank order -> ((sum n, ...), n of each rank).
+
+    Ranks may hold different n; the other dimensions must agree (ValueError naming the shapes). The
+    other ranks' rows arrive detached; this rank's rows are the live tensor, so gradient flows to the
+    local part only. Without a group (or with one rank) x is returned. All ranks of the group must call
+    this together.
+    """
+    if world_size(group) == 1:
+        return x, [x.shape[0]]
+    world = dist.get_world_size(group)
+    shape = torch.tensor(list(x.shape), device=x.device, dtype=torch.long)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    shapes = torch.stack(shapes).tolist()
+    if any(s[1:] != list(x.shape[1:]) for s in shapes):
+        raise ValueError(f"ranks must agree on all but the first dimension; got shapes per rank {shapes}")
+    sizes = [s[0] for s in shapes]
+    largest = max(sizes)
+    local = x.detach()
+    if local.dtype == torch.bool:  # gloo and nccl gather numbers, not booleans
+        local = local.to(torch.uint8)
+    local = local.contiguous()
+    if x.shape[0] < largest:
+        local = torch.cat([local, local.new_zeros(largest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    rank = dist.get_rank(group)
+    parts = [x if r == rank else p[:s].to(x.dtype) for r, (p, s) in enumerate(zip(parts, sizes))]
+    return torch.cat(parts), sizes
 
 
 def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,26 +148,17 @@ def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None)
     included. Ranks may hold different B (L and E must agree); without an initialised process group, or
     with one rank, this is `grouped_topk`. All ranks must call it together.
     """
-    world = _world(group)
-    if world == 1:
+    if group is None:
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if world_size(group) == 1:
         return grouped_topk(scores, strategy, k)
-    B, L, E = scores.shape
-    local = scores.detach().contiguous()
-    shape = torch.tensor([B, L, E], device=scores.device, dtype=torch.long)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape, group=group)
-    shapes = torch.stack(shapes).tolist()
-    if any(s[1:] != [L, E] for s in shapes):
-        raise ValueError(f"race_scope=global needs the same L and E on every rank; got (B, L, E) per rank {shapes}")
-    sizes = [s[0] for s in shapes]
-    largest = max(sizes)
-    padded = local if B == largest else torch.cat([local, local.new_zeros(largest - B, L, E)])
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    everything = torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    try:
+        everything, sizes = gather_rows(scores.detach(), group)
+    except ValueError as e:
+        raise ValueError(f"race_scope=global needs the same L and E on every rank: {e}") from None
     mask, kth = grouped_topk(everything, strategy, k)
     start = sum(sizes[: dist.get_rank(group)])
-    return mask[start:start + B], kth
+    return mask[start:start + scores.shape[0]], kth
 
 
 @torch.no_grad()
