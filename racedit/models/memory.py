@@ -535,16 +535,14 @@ class UltraMemV2(_TuckerMemory):
 
 def block_macs_per_token(cfg) -> float:
     """MACs per token of one DiT block without memory (attention at this model's token count, the dense MLP
-    or the MoE at mean k, the block's adaLN spread over the tokens); the denominator of the memory share."""
-    d = cfg.hidden_size
+    or the MoE at mean k, the block's adaLN spread over the tokens); the denominator of the memory share.
+    Counted by the block itself (`DiTBlock.macs`), built on the meta device."""
+    from racedit.models.dit import DiTBlock, build_feedforward  # dit imports this module
+
     tokens = (cfg.input_size // cfg.patch_size) ** 2
-    attention = 4 * d * d + 2 * tokens * d
-    if cfg.moe_experts:
-        hidden = int(round(cfg.mlp_ratio * d / cfg.moe_k))
-        ff = d * d + d * cfg.moe_experts + cfg.moe_k * 2 * d * hidden
-    else:
-        ff = 2 * d * int(d * cfg.mlp_ratio)
-    return attention + ff + 6 * d * d / tokens
+    with torch.device("meta"):
+        block = DiTBlock(cfg.hidden_size, cfg.num_heads, build_feedforward(cfg, 0))
+    return block.macs(tokens) / tokens
 
 
 def memory_blocks(cfg) -> list[int]:
