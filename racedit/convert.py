@@ -86,6 +86,7 @@ from racedit.config import (
 )
 from racedit.models import DiT, resolve_model_config
 from racedit.models.presets import PATCHES, SIZES, resolve_preset
+from racedit.training.checkpoint import load_model
 
 __all__ = [
     "ConversionError", "DEFAULT_VAE", "load_dit_checkpoint", "infer_dit_config", "from_dit_state_dict",
@@ -563,15 +564,16 @@ def _fresh_out_dir(out: str | Path) -> Path:
     return out
 
 
-def save_converted(model: DiT, out: str | Path, config: Config, source: str) -> Path:
+def save_converted(model: DiT, out: str | Path, config: Config, source: str, provenance: dict | None = None) -> Path:
     """Save `model` as racedit checkpoint `step_0000000` under `out` (with `last` pointing at it): its weights
-    as both the live and the EMA weights (converted weights are EMA weights). Returns the checkpoint dir."""
+    as both the live and the EMA weights (converted weights are EMA weights). The train state records
+    `provenance`, by default {"converted_from": source}. Returns the checkpoint dir."""
     from racedit.training.checkpoint import save_checkpoint
 
     out = _fresh_out_dir(out)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return save_checkpoint(out, 0, model_state=state, ema_state=state, config=config,
-                           train_state={"step": 0, "converted_from": str(source)})
+                           train_state={"step": 0, **(provenance or {"converted_from": str(source)})})
 
 
 def convert_dit_file(path: str | Path, out: str | Path, image_size: int | None = None, vae: str = DEFAULT_VAE,
@@ -612,17 +614,6 @@ def convert_diffusers_dir(path: str | Path, out: str | Path, vae: str | None = N
     return save_converted(model, out, cfg, source=str(path))
 
 
-def _load_checkpoint_model(ckpt: str | Path, which: str = "ema") -> tuple[DiT, Config, Path]:
-    from racedit.models import create_model
-    from racedit.training.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
-
-    path = resolve_checkpoint(ckpt)
-    cfg = load_config_of(path)
-    model = create_model(cfg.model)
-    load_into(model, load_weights(path, which), f"checkpoint {path} ({which} weights)")
-    return model.eval(), cfg, path
-
-
 def export_diffusers(ckpt: str | Path, out: str | Path, vae: str | None = None, use_ema: bool = True) -> Path:
     """A dense racedit checkpoint (ddpm objective) -> a diffusers DiTPipeline directory at `out`.
 
@@ -634,7 +625,7 @@ def export_diffusers(ckpt: str | Path, out: str | Path, vae: str | None = None, 
     from diffusers import DDIMScheduler, DiTPipeline
 
     out = _fresh_out_dir(out)
-    model, cfg, path = _load_checkpoint_model(ckpt, "ema" if use_ema else "model")
+    model, cfg, path = load_model(ckpt, "ema" if use_ema else "model")
     if cfg.diffusion.objective != "ddpm":
         raise ConversionError(f"{path}: objective {cfg.diffusion.objective!r}; DiTPipeline's schedulers sample "
                               f"epsilon-prediction (ddpm) models only")
@@ -860,7 +851,7 @@ def upcycle_checkpoint(ckpt: str | Path, to: str, out: str | Path, noise_std: fl
     the upcycled weights as both live and EMA weights, the same config with the model replaced. Returns
     (checkpoint dir, gap on a random probe batch in eval and train routing, or None without `probe`)."""
     out = _fresh_out_dir(out)
-    dense, cfg, path = _load_checkpoint_model(ckpt, "ema" if use_ema else "model")
+    dense, cfg, path = load_model(ckpt, "ema" if use_ema else "model")
     moe_model = upcycle(dense, to, noise_std=noise_std, seed=seed, **(overrides or {}))
     gap = None
     if probe:
@@ -873,11 +864,8 @@ def upcycle_checkpoint(ckpt: str | Path, to: str, out: str | Path, noise_std: fl
         gap = {f"eval_{k}": v for k, v in ev.items()} | {f"train_{k}": v for k, v in tr.items()}
     new_cfg = replace(cfg, model=moe_model.config)
     validate(new_cfg)
-    state = {k: v.detach().cpu().contiguous() for k, v in moe_model.state_dict().items()}
-    from racedit.training.checkpoint import save_checkpoint
-
-    final = save_checkpoint(out, 0, model_state=state, ema_state=state, config=new_cfg,
-                            train_state={"step": 0, "upcycled_from": str(path), "noise_std": float(noise_std)})
+    final = save_converted(moe_model, out, new_cfg, str(path),
+                           provenance={"upcycled_from": str(path), "noise_std": float(noise_std)})
     return final, gap
 
 

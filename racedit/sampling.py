@@ -25,10 +25,10 @@ from racedit.data.codec import Codec
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
 from racedit.fileio import atomic_path, atomic_write_text
-from racedit.models import DiT, create_model
+from racedit.models import DiT
 from racedit.models.moe import threshold_layers
 from racedit.training.calibration import ThresholdCalibration, calibrate_thresholds, training_batches
-from racedit.training.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
+from racedit.training.checkpoint import load_model
 
 
 @dataclass
@@ -58,12 +58,9 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     """
     from racedit.data.factory import build_codec
 
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config_of(ckpt)
     which = "ema" if use_ema else "model"
-    model = create_model(cfg.model)
-    load_into(model, load_weights(ckpt, which), f"checkpoint {ckpt} ({which} weights)")
-    model.to(device).eval()
+    model, cfg, ckpt = load_model(path, which)
+    model.to(device)
     objective = create_objective(cfg.diffusion, model.learn_sigma)
     calibration = None
     if calibrate_threshold:

@@ -160,3 +160,15 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             lines.append(f"  shape mismatches ({len(wrong)}): {wrong[:4]}")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state)
+
+
+def load_model(path: str | Path, which: str = "ema") -> tuple[torch.nn.Module, Config, Path]:
+    """The model a checkpoint's config describes with its `which` ("ema" or "model") weights loaded, in eval
+    mode on the CPU: (model, config, checkpoint dir). Raises CheckpointError for a missing or unfit one."""
+    from racedit.models import create_model  # models import the config module, which this one imports
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config_of(ckpt)
+    model = create_model(cfg.model)
+    load_into(model, load_weights(ckpt, which), f"checkpoint {ckpt} ({which} weights)")
+    return model.eval(), cfg, ckpt
