@@ -68,6 +68,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -85,6 +86,7 @@ from racedit.config import (
     validate,
 )
 from racedit.models import DiT, resolve_model_config
+from racedit.models.dit import sincos_2d
 from racedit.models.presets import PATCHES, SIZES, resolve_preset
 from racedit.training.checkpoint import load_model
 
@@ -374,22 +376,28 @@ def read_diffusers_transformer(path: str | Path) -> tuple[dict[str, torch.Tensor
     return _check_tensors(state, str(path)), config, root
 
 
+def _diffusers_pairs(depth: int) -> Iterator[tuple[str, str]]:
+    """(racedit key, diffusers key) for every tensor but q/k/v (racedit fuses them) and pos_embed (diffusers
+    recomputes it). racedit's one timestep/class embedder appears once per diffusers block, block 0 first."""
+    for ours, theirs in _GLOBAL.items():
+        if ours.startswith(_EMBEDDER_KEYS):
+            for i in range(depth):
+                yield ours, _EMB.format(i=i) + theirs
+        else:
+            yield ours, theirs
+    for i in range(depth):
+        for ours, theirs in _BLOCK.items():
+            for leaf in ("weight", "bias"):
+                yield f"blocks.{i}.{ours}.{leaf}", f"transformer_blocks.{i}.{theirs}.{leaf}"
+
+
 def _diffusers_expected(model: DiT) -> dict[str, tuple]:
     """The diffusers key -> shape list of the DiTTransformer2DModel equivalent to a dense racedit model."""
     sd = model.state_dict()
     d = model.config.hidden_size
-    out = {}
-    for ours, theirs in _GLOBAL.items():
-        if ours.startswith(_EMBEDDER_KEYS):
-            for i in range(model.config.depth):
-                out[_EMB.format(i=i) + theirs] = tuple(sd[ours].shape)
-        else:
-            out[theirs] = tuple(sd[ours].shape)
+    out = {theirs: tuple(sd[ours].shape) for ours, theirs in _diffusers_pairs(model.config.depth)}
     for i in range(model.config.depth):
         pre = f"transformer_blocks.{i}."
-        for ours, theirs in _BLOCK.items():
-            for leaf in ("weight", "bias"):
-                out[f"{pre}{theirs}.{leaf}"] = tuple(sd[f"blocks.{i}.{ours}.{leaf}"].shape)
         for name in ("to_q", "to_k", "to_v"):
             out[f"{pre}attn1.{name}.weight"] = (d, d)
             out[f"{pre}attn1.{name}.bias"] = (d,)
@@ -449,13 +457,10 @@ def from_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: dict,
                 raise ConversionError(f"{source}: {_EMB.format(i=i) + theirs} differs from block 0's; racedit "
                                       f"shares one timestep/class embedding between all blocks")
     ours = {}
-    for k, theirs in _GLOBAL.items():
-        ours[k] = sd[(_EMB.format(i=0) if k.startswith(_EMBEDDER_KEYS) else "") + theirs]
+    for k, theirs in _diffusers_pairs(m.depth):
+        ours.setdefault(k, sd[theirs])  # the embedders: block 0's copy (all equal, checked above)
     for i in range(m.depth):
         pre = f"transformer_blocks.{i}."
-        for k, theirs in _BLOCK.items():
-            for leaf in ("weight", "bias"):
-                ours[f"blocks.{i}.{k}.{leaf}"] = sd[f"{pre}{theirs}.{leaf}"]
         for leaf in ("weight", "bias"):
             ours[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([sd[f"{pre}attn1.to_{n}.{leaf}"] for n in "qkv"])
     ours["pos_embed"] = model.pos_embed.detach().clone()  # diffusers recomputes the same sin-cos table
@@ -469,7 +474,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"it is a Mixture of Experts ({cfg.moe_k}in{cfg.moe_experts}); diffusers' DiT is dense")
     if cfg.connections != "residual":
         problems.append(f"model.connections={cfg.connections!r} (diffusers: residual only)")
-    if getattr(cfg, "memory", "none") != "none":
+    if cfg.memory != "none":
         problems.append(f"model.memory={cfg.memory!r} (diffusers has no memory layers)")
     if cfg.qk_norm:
         problems.append("model.qk_norm=true (diffusers' DiT has no query/key norm)")
@@ -490,24 +495,15 @@ def to_diffusers_state_dict(model: DiT) -> tuple[dict[str, torch.Tensor], dict]:
     _check_exportable(cfg)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     d = cfg.hidden_size
-    from racedit.models.dit import sincos_2d
-
     table = sincos_2d(d, cfg.input_size // cfg.patch_size).float().unsqueeze(0)
     if not torch.allclose(sd["pos_embed"].float(), table, atol=1e-5):
         raise ConversionError(f"{cfg.name}: pos_embed is not the fixed sin-cos table that diffusers recomputes (and "
                               f"does not store); max difference {float((sd['pos_embed'] - table).abs().max()):.3g}")
-    out = {}
-    for ours, theirs in _GLOBAL.items():
-        if ours.startswith(_EMBEDDER_KEYS):
-            for i in range(cfg.depth):
-                out[_EMB.format(i=i) + theirs] = sd[ours].clone()
-        else:
-            out[theirs] = sd[ours]
+    # the embedder copies are separate tensors: safetensors refuses shared storage
+    out = {theirs: sd[ours].clone() if ours.startswith(_EMBEDDER_KEYS) else sd[ours]
+           for ours, theirs in _diffusers_pairs(cfg.depth)}
     for i in range(cfg.depth):
         pre = f"transformer_blocks.{i}."
-        for ours, theirs in _BLOCK.items():
-            for leaf in ("weight", "bias"):
-                out[f"{pre}{theirs}.{leaf}"] = sd[f"blocks.{i}.{ours}.{leaf}"]
         for leaf in ("weight", "bias"):
             for name, part in zip("qkv", sd[f"blocks.{i}.attn.qkv.{leaf}"].split(d)):
                 out[f"{pre}attn1.to_{name}.{leaf}"] = part.clone()
