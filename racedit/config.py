@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what would be accepted."""
 
 
+# The samplers of each objective (racedit.diffusion.samplers); `validate` checks the pairing.
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim", "dpm_solver"), "flow": ("euler", "heun")}
+
 # Allowed values of the string-valued options, checked at load time.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.routing": ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race"),
@@ -32,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
     "data.kind": ("digits", "latents"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "sample.sampler": ("ddpm", "ddim", "dpm_solver", "euler", "heun"),
+    "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
 }
 
 
@@ -254,6 +257,10 @@ def validate(cfg: DictConfig | Config) -> None:
         resolve_preset(model.name)
     except KeyError as e:
         raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
+    objective, sampler = cfg.diffusion.objective, cfg.sample.sampler
+    if sampler not in SAMPLERS[objective]:
+        raise ConfigError(f"bad value for 'sample.sampler': {sampler!r} does not apply to diffusion.objective="
+                          f"{objective}. Allowed: {list(SAMPLERS[objective])}")
     positive = {"train.steps": cfg.train.steps, "train.global_batch": cfg.train.global_batch,
                 "train.grad_accum": cfg.train.grad_accum, "sample.steps": cfg.sample.steps}
     for key, value in positive.items():

@@ -112,3 +112,11 @@ def test_override_without_equals_and_missing_file():
 def test_saved_config_round_trips():
     cfg = load_config(DEMO, ["train.steps=9", "model.depth=2"])
     assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_a_sampler_of_the_other_objective_is_refused_at_load_time():
+    with pytest.raises(ConfigError, match=r"'sample.sampler': 'ddim' does not apply to diffusion.objective=flow.*euler"):
+        load_config(DEMO, ["diffusion.objective=flow"])  # the demo samples with ddim
+    with pytest.raises(ConfigError, match="'heun' does not apply to diffusion.objective=ddpm"):
+        load_config(DEMO, ["sample.sampler=heun"])
+    assert load_config(DEMO, ["diffusion.objective=flow", "sample.sampler=heun"]).sample.sampler == "heun"

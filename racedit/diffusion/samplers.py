@@ -47,10 +47,9 @@ from diffusers import (
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from racedit.config import SAMPLERS
 from racedit.diffusion.guidance import guided_model_fn
 from racedit.diffusion.objectives import FLOW_TIME_SCALE, DDPMObjective, FlowObjective, Objective
-
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim", "dpm_solver"), "flow": ("euler", "heun")}
 
 
 def _check_sampler(objective: Objective, sampler: str) -> None:
