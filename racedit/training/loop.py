@@ -248,24 +248,23 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                 if accelerator.sync_gradients:
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(train_model.parameters(), max_norm)
-                    # the step's one host sync: every logged term and the gradient norm together
+                    # the step's one collective and one host sync: every logged term, averaged over the
+                    # processes (the whole global batch's losses), and the gradient norm (already global)
                     keys = list(terms_acc)
-                    values = torch.stack([terms_acc[k] for k in keys] + [grad_norm.double()]).tolist()
+                    local = torch.stack([terms_acc[k] for k in keys])
+                    if accelerator.num_processes > 1:
+                        local = accelerator.reduce(local, reduction="mean")
+                    values = torch.cat([local, grad_norm.double().reshape(1)]).tolist()
                     terms_acc, grad_norm = dict(zip(keys, values[:-1])), values[-1]
-                    loss_ok = torch.tensor(float(math.isfinite(terms_acc["loss"])), device=device)
-                    loss_ok = accelerator.reduce(loss_ok, reduction="mean") == 1.0
-                    grad_ok = tc.mixed_precision == "fp16" or math.isfinite(grad_norm)
-                    finite = bool(loss_ok) and grad_ok
+                    # a non-finite loss on any process makes the mean non-finite, so every process skips
+                    finite = math.isfinite(terms_acc["loss"]) and (tc.mixed_precision == "fp16"
+                                                                   or math.isfinite(grad_norm))
                     if finite:
                         optimizer.step()
                         model.after_optimizer_step()  # e.g. UltraMem's Tucker pre-filter refresh
                     optimizer.zero_grad(set_to_none=True)
         # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
         diag = routing_diagnostics(record, timestep_fraction(objective, draws.t)) if diagnose else {}
-        if accelerator.num_processes > 1:  # log the whole global batch's losses, not only this process's rows
-            keys = sorted(terms_acc)
-            local = torch.tensor([terms_acc[k] for k in keys], dtype=torch.float64, device=device)
-            terms_acc = dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
         if finite:
             scheduler.step()
             ema.update_parameters(accelerator.unwrap_model(model))
