@@ -192,11 +192,7 @@ def slots_read(path: str, batch: int) -> None:
     objective = create_objective(cfg.diffusion, model.learn_sigma)
     g = torch.Generator().manual_seed(0)
     rows = torch.randperm(data.num_examples, generator=g)[:batch]
-    if hasattr(data, "inputs"):
-        x0, y = data.inputs[rows], data.labels[rows]
-    else:
-        items = [data.dataset[int(i)] for i in rows]  # latents: (x (C, H, W), label)
-        x0, y = torch.stack([x for x, _ in items]), torch.tensor([label for _, label in items])
+    x0, y = data.read(rows), data.labels[rows]
     t = objective.sample_t(len(rows), torch.device("cpu"), generator=g)
     noised = objective.sample(x0, t=t, noise=torch.randn(x0.shape, generator=g))
 

@@ -1,8 +1,9 @@
 """From a config to training data and to the codec between data space and model space.
 
-Both kinds of training data have the same interface: `num_examples`, `channels`, `size`, `num_classes`
-and `loader(order, start_step, device)`, which yields this process's micro-batches (x0 (m, C, H, W),
-y (m,)) in the order of a `ResumableBatchOrder`, from optimizer step `start_step` on.
+Both kinds of training data have the same interface: `num_examples`, `channels`, `size`, `num_classes`,
+`labels` (N,), `read(idx)` -> x0 (n, C, H, W) of some examples, and `loader(order, start_step, device)`,
+which yields this process's micro-batches (x0 (m, C, H, W), y (m,)) in the order of a
+`ResumableBatchOrder`, from optimizer step `start_step` on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class TrainingData:
     @property
     def size(self) -> int:
         return self.inputs.shape[-1]
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        """x0 (n, C, H, W) of examples idx (n,)."""
+        return self.inputs[idx]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         inputs, labels = self.inputs.to(device), self.labels.to(device)
@@ -88,6 +93,14 @@ class LatentTrainingData:
     @property
     def size(self) -> int:
         return self.dataset.latent_shape[-1]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.dataset.labels
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        """x0 (n, C, H, W) of examples idx (n,): a flip and posterior sample under the randomness of epoch 0."""
+        return self.dataset.read(torch.as_tensor(idx).numpy(), epoch=0)[0]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from racedit.data.latents import LatentBatches

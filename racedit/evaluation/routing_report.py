@@ -93,7 +93,7 @@ def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> 
     class, chosen by a seeded permutation. When the data is not available here (latents not extracted on
     this machine), x0 is None and the caller uses zeros; the third item says which."""
     from racedit.config import ConfigError
-    from racedit.data.factory import TrainingData, build_training_data
+    from racedit.data.factory import build_training_data
 
     labels_out = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
     try:
@@ -102,12 +102,8 @@ def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> 
         warnings.warn(f"routing report: training data not available ({e}); using x0 = 0 (pure scaled noise)",
                       stacklevel=2)
         return None, labels_out, "zeros (training data not available)"
-    if isinstance(data, TrainingData):
-        all_labels, read = data.labels, lambda idx: data.inputs[idx]
-        source = f"{cfg.data.kind} training split"
-    else:
-        all_labels, read = data.dataset.labels, lambda idx: data.dataset.read(idx.numpy(), epoch=0)[0]
-        source = f"latents {cfg.data.latents}"
+    all_labels = data.labels
+    source = f"latents {cfg.data.latents}" if cfg.data.kind == "latents" else f"{cfg.data.kind} training split"
     g = torch.Generator().manual_seed(seed)
     chosen, labels = [], []
     for c in classes:
@@ -118,7 +114,7 @@ def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> 
     idx = torch.cat(chosen)
     if len(idx) == 0:
         return None, labels_out, "zeros (no training examples of the chosen classes)"
-    return read(idx).float(), torch.tensor(labels, dtype=torch.long), source
+    return data.read(idx).float(), torch.tensor(labels, dtype=torch.long), source
 
 
 def report_timesteps(objective, num: int) -> tuple[torch.Tensor, np.ndarray, str]:
