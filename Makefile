@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python train.py --config configs/demo.yaml --resume
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from racedit.data.factory import KeyedMicroBatches
-from racedit.data.images import write_standin_image_folder
-from racedit.data.latents import FORMAT, LatentBatches, LatentDataset, extract_latents, save_standin_vae
-from racedit.training.batches import ResumableBatchOrder
+from racedit.data.latent_extract import extract_latents
+from racedit.data.latent_store import FORMAT, LatentBatches, LatentDataset
+from racedit.data.order import ResumableBatchOrder
+from racedit.testing import save_standin_vae, write_standin_image_folder
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 

@@ -180,9 +180,9 @@ def layer_table(args, device: torch.device) -> None:
 def slots_read(path: str, batch: int) -> None:
     """Per memory layer, the share of its rows one training batch of `batch` images reads, for the fresh
     model of a checkpoint's config (same seed) and for its trained weights."""
+    from racedit.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
     from racedit.data.factory import build_training_data
     from racedit.diffusion.objectives import create_objective
-    from racedit.training.checkpoint import load_config_of, load_into, load_weights, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     cfg = load_config_of(ckpt)

@@ -5,7 +5,7 @@
 """
 import sys
 
-from racedit.evaluation.ablation import main
+from racedit.experiments.ablation.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

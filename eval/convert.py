@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Convert pretrained DiT weights to racedit checkpoints and back, and upcycle a dense DiT into a Race-DiT
-(see docs/interop.md and racedit/convert.py):
+(see docs/interop.md and racedit/interop/):
 
     python eval/convert.py from-dit DiT-XL-2-256x256.pt --out ckpt/dit-xl2-256 [--image-size 256]
     python eval/convert.py from-diffusers DiT-XL-2-256/ --out ckpt/dit-xl2-256-hf
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="model options of the MoE model, e.g. --set model.gating=sigmoid model.routing=token_choice")
     args = parser.parse_args(argv)
 
-    from racedit import convert
+    from racedit import interop as convert
+    from racedit.checkpoint import CheckpointError
     from racedit.config import ConfigError
-    from racedit.training.checkpoint import CheckpointError
 
     try:
         if args.command == "from-dit":
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("gap to the dense model on a random batch (relative L2 of the outputs; worst MoE layer): "
                       f"eval routing {gap['eval_relative']:.2e}; {gap['eval_max_layer_relative']:.2e} | "
                       f"train routing {gap['train_relative']:.2e}; {gap['train_max_layer_relative']:.2e}")
-    except (convert.ConversionError, ConfigError, CheckpointError, OSError) as e:  # OSError: a VAE dir that is none
+    except (convert.ConversionError, convert.UpcycleError, ConfigError, CheckpointError, OSError) as e:  # OSError: a VAE dir that is none
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -4,7 +4,7 @@
     python eval/extract_latents.py --data /imagenet/train --vae stabilityai/sd-vae-ft-ema --out latents/in256
     accelerate launch eval/extract_latents.py --data ... --vae ... --out ...     # split over GPUs
 
-Re-running the same command resumes: complete shards are verified and kept. See racedit/data/latents.py.
+Re-running the same command resumes: complete shards are verified and kept. See racedit/data/latent_extract.py.
 """
 import argparse
 import sys
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from racedit.data.images import ImageFolderError
-    from racedit.data.latents import LatentStoreError, extract_latents
+    from racedit.data.latent_extract import extract_latents
+    from racedit.data.latent_store import LatentStoreError
 
     try:
         extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,

@@ -15,13 +15,14 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.steps=100")
     args = parser.parse_args(argv)
 
+    from racedit.checkpoint import CheckpointError
     from racedit.config import ConfigError, load_config
-    from racedit.training.checkpoint import CheckpointError
+    from racedit.evaluation.digits import evaluate_digits_model
     from racedit.training.loop import TrainingDiverged, train
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, evaluate=evaluate_digits_model)
     except (ConfigError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,6 +78,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    from racedit.checkpoint import CheckpointError
     from racedit.config import CHOICES, ConfigError
     from racedit.sampling import (
         SamplingError,
@@ -86,7 +88,6 @@ def sample_main(argv: list[str] | None = None) -> int:
         save_grid,
         write_samples_npz,
     )
-    from racedit.training.checkpoint import CheckpointError
 
     if args.sampler is not None and args.sampler not in CHOICES["sample.sampler"]:
         parser.error(f"--sampler {args.sampler!r}: allowed {list(CHOICES['sample.sampler'])}")

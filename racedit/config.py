@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from racedit.presets import resolve_preset
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what would be accepted."""
@@ -150,7 +152,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # global seed (data order, noise, init)
     log_every: int = 50  # steps between metric rows (metrics.csv, TensorBoard)
-    # steps between routing diagnostics (racedit.evaluation.routing: MaxVio, combination usage, experts per
+    # steps between routing diagnostics (racedit.models.routing_stats: MaxVio, combination usage, experts per
     # token per timestep bin, zero-expert tokens, block output norms), logged in that step's metrics row;
     # 0 = with every metrics row (train.log_every), -1 = off
     diagnostics_every: int = 0
@@ -250,8 +252,6 @@ def validate(cfg: DictConfig | Config) -> None:
         value = OmegaConf.select(cfg, path) if isinstance(cfg, DictConfig) else _get(cfg, path)
         if value not in allowed:
             raise ConfigError(f"bad value for '{path}': {value!r}. Allowed: {list(allowed)}")
-    from racedit.models.presets import resolve_preset  # late import: models import this module
-
     model = cfg.model
     try:
         resolve_preset(model.name)
@@ -271,7 +271,7 @@ def validate(cfg: DictConfig | Config) -> None:
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"bad value for 'train.ema_decay': {cfg.train.ema_decay}. Must be in [0, 1)")
     _validate_memory(cfg.model)
-    # A checkpoint converted from pretrained weights (racedit.convert) has no latent directory; it names the
+    # A checkpoint converted from pretrained weights (racedit.interop) has no latent directory; it names the
     # VAE to decode with in data.vae instead. Training such a config still needs data.latents (the dataset
     # then reports the empty path).
     if cfg.data.kind == "latents" and not cfg.data.latents and not cfg.data.vae:

@@ -1,4 +1,4 @@
-"""The ablation runner (racedit.evaluation.ablation): grid parsing, fairness, resumability, the report."""
+"""The ablation runner (racedit.experiments.ablation): grid parsing, fairness, resumability, the report."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import yaml
 from conftest import TINY
 
 from racedit.config import load_config
-from racedit.evaluation import ablation
-from racedit.evaluation.ablation import (
+from racedit.experiments import ablation
+from racedit.experiments.ablation import (
     ComputeMismatchError,
     GridError,
     config_diff,
@@ -159,6 +159,7 @@ def test_shipped_grids_load_and_are_at_equal_compute():
 
 
 def test_a_diverging_variant_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
+    from racedit.experiments.ablation import run
     from racedit.training import loop
 
     real_train = loop.train
@@ -170,7 +171,7 @@ def test_a_diverging_variant_is_reported_and_the_grid_goes_on(tmp_path, monkeypa
             raise loop.TrainingDiverged("step 5: 3 non-finite steps in a row; last good checkpoint step_0000004")
         return real_train(cfg, *a, **k)
 
-    monkeypatch.setattr(loop, "train", train_where_race_diverges)
+    monkeypatch.setattr(run, "train", train_where_race_diverges)
     grid = _write_grid(tmp_path, **TWO)
     out = tmp_path / "out"
     result = run_grid(grid, out, log=lambda *a: None)
@@ -185,7 +186,7 @@ def test_a_diverging_variant_is_reported_and_the_grid_goes_on(tmp_path, monkeypa
     assert again.status == {"race": "diverged", "token": "skipped"} and calls == ["race", "token"]
     # deleting the marker retries it (and here it trains)
     (out / "race" / "diverged.json").unlink()
-    monkeypatch.setattr(loop, "train", real_train)
+    monkeypatch.setattr(run, "train", real_train)
     third = run_grid(grid, out, log=lambda *a: None)
     assert third.status == {"race": "trained", "token": "skipped"} and not third.diverged
     assert "Diverged" not in (out / "results.md").read_text()

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from racedit.checkpoint import save_checkpoint
 from racedit.cli import sample_main
+from racedit.data.factory import training_batches
 from racedit.diffusion.objectives import DDPMObjective
-from racedit.evaluation.routing import experts_per_token
 from racedit.models import create_model
 from racedit.models.moe import threshold_layers
 from racedit.models.records import ForwardRecord
-from racedit.training.calibration import calibrate_thresholds, training_batches
-from racedit.training.checkpoint import save_checkpoint
+from racedit.models.routing_stats import experts_per_token
+from racedit.sampling.calibration import calibrate_thresholds
 
 TINY = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, learn_sigma=False)
 
@@ -173,7 +174,7 @@ def test_sample_py_calibration_error_for_a_dense_checkpoint(tiny_config, tmp_pat
 
 
 def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_path, monkeypatch, capsys):
-    import racedit.sampling as sampling
+    import racedit.sampling.generate as sampling
 
     out = tmp_path / "s.npz"
     base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "8", "--batch-size", "4",
@@ -206,7 +207,7 @@ def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_p
 
 
 def test_a_finished_npz_of_another_job_lends_no_taus(race_checkpoint, tmp_path, monkeypatch):
-    import racedit.sampling as sampling
+    import racedit.sampling.generate as sampling
 
     out = tmp_path / "s.npz"
     base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "4", "--batch-size", "4",

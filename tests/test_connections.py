@@ -120,7 +120,7 @@ def test_connections_train_with_expert_race(tmp_path, kind, options):
     with open(tmp_path / "run" / "metrics.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss falls
-    from racedit.training.checkpoint import latest_checkpoint, load_weights
+    from racedit.checkpoint import latest_checkpoint, load_weights
 
     after = load_weights(latest_checkpoint(tmp_path / "run" / "checkpoints"), "model")
     before = model_before.state_dict()

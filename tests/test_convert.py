@@ -1,4 +1,4 @@
-"""racedit.convert: official DiT state dicts and diffusers DiT models in and out (CPU, no network).
+"""racedit.interop: official DiT state dicts and diffusers DiT models in and out (CPU, no network).
 
 The official layout's forward is written out below from its equations (facebookresearch/DiT models.py), on
 the raw state dict only, so the racedit model is checked against an independent implementation.
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from racedit import convert
-from racedit.convert import ConversionError
+from racedit import interop as convert
+from racedit.checkpoint import load_config_of, load_weights, resolve_checkpoint
+from racedit.interop import ConversionError
 from racedit.models.dit import sincos_2d
-from racedit.training.checkpoint import load_config_of, load_weights, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_dit_training_checkpoint_gives_its_ema(tmp_path):
 
 @pytest.fixture(scope="module")
 def standin_vae(tmp_path_factory) -> Path:
-    from racedit.data.latents import save_standin_vae
+    from racedit.testing import save_standin_vae
 
     return save_standin_vae(tmp_path_factory.mktemp("vae") / "vae")
 

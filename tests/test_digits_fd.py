@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from racedit.data.digits import DigitsDataset
-from racedit.evaluation.demo import digits_fd, evaluate_digits_model, heldout_digits
-from racedit.evaluation.digits import load_digits_classifier
+from racedit.evaluation.digits import digits_fd, evaluate_digits_model, heldout_digits, load_digits_classifier
 from racedit.models import create_model
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import free_port
 
+from racedit.checkpoint import save_checkpoint
 from racedit.models import create_model
 from racedit.sampling import (
     SamplingError,
@@ -21,7 +22,6 @@ from racedit.sampling import (
     sample_seed,
     write_samples_npz,
 )
-from racedit.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, PER_CLASS, BATCH = 3, 2, 3  # 20 samples in 7 batches of 3 (the last one holds 2)

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from racedit.evaluation import fid as F
+from racedit.evaluation import inception as Inc
+from racedit.evaluation import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 64
@@ -42,28 +44,28 @@ def test_frechet_distance_closed_form_commuting_covariances():
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     # diagonal, and the same eigenbasis (commuting): sqrt(S1 S2) = Q diag(sqrt(a b)) Q^T
-    assert F.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
     # torch tensors and float32 inputs work too; 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2
-    assert F.frechet_distance(torch.tensor(mu1), torch.tensor(s1, dtype=torch.float32), mu2, s2) == pytest.approx(
+    assert M.frechet_distance(torch.tensor(mu1), torch.tensor(s1, dtype=torch.float32), mu2, s2) == pytest.approx(
         expected, rel=1e-4)
-    assert F.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+    assert M.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
 
 
 def test_frechet_distance_zero_for_identical_statistics():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64))
-    mu, sigma = F.gaussian_statistics(x)
-    assert abs(F.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    mu, sigma = M.gaussian_statistics(x)
+    assert abs(M.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
     # rank-deficient covariances (fewer samples than dimensions): finite, and equal to the eigenvalue form
     y = rng.normal(size=(10, 40))
     z = rng.normal(size=(12, 40)) * 1.5 + 0.2
-    (m1, s1), (m2, s2) = F.gaussian_statistics(y), F.gaussian_statistics(z)
-    exact = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * F._trace_sqrt_product(s1, s2)
-    assert F.frechet_distance(m1, s1, m2, s2) == pytest.approx(exact, rel=1e-6)
+    (m1, s1), (m2, s2) = M.gaussian_statistics(y), M.gaussian_statistics(z)
+    exact = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * M._trace_sqrt_product(s1, s2)
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(exact, rel=1e-6)
     with pytest.raises(ValueError, match="NaN"):
-        F.frechet_distance(mu, sigma * np.nan, mu, sigma)
+        M.frechet_distance(mu, sigma * np.nan, mu, sigma)
 
 
 def test_precision_recall_matches_a_naive_loop():
@@ -82,15 +84,15 @@ def test_precision_recall_matches_a_naive_loop():
         return np.mean([any(dist(p, c) <= rc for c, rc in zip(centers, r)) for p in points])
 
     gl, rl = gen.double().tolist(), ref.double().tolist()
-    precision, recall = F.precision_recall(gen, ref, k=k, batch_size=7)
+    precision, recall = M.precision_recall(gen, ref, k=k, batch_size=7)
     assert precision == pytest.approx(covered(gl, rl, radii(rl)), abs=1e-6)
     assert recall == pytest.approx(covered(rl, gl, radii(gl)), abs=1e-6)
-    assert F.precision_recall(ref, ref, k=k) == (1.0, 1.0)
+    assert M.precision_recall(ref, ref, k=k) == (1.0, 1.0)
 
 
 def test_inception_score_uses_ordered_splits():
     logits = torch.randn(50, 1008, generator=torch.Generator().manual_seed(0)) * 3
-    mean, std = F.inception_score(logits, splits=10)
+    mean, std = M.inception_score(logits, splits=10)
     p = logits.double().softmax(1)
     scores = []
     for part in p.split(5):
@@ -108,20 +110,20 @@ def test_weights_hash_in_the_name_is_checked(tmp_path):
     good = tmp_path / f"weights-{digest[:8]}.pth"
     good.write_bytes(data)
     with pytest.warns(UserWarning, match="not torch-fidelity's weights"):
-        w = F.resolve_inception_weights(good)
+        w = Inc.resolve_inception_weights(good)
     assert w.verified and w.sha256 == digest and w.expected_prefix == digest[:8]
-    bad = tmp_path / f"weights-inception-2015-12-05-{F.INCEPTION_SHA256_PREFIX}.pth"
+    bad = tmp_path / f"weights-inception-2015-12-05-{Inc.INCEPTION_SHA256_PREFIX}.pth"
     bad.write_bytes(data)
-    with pytest.raises(F.InceptionWeightsError, match=f"does not start with {F.INCEPTION_SHA256_PREFIX}"):
-        F.resolve_inception_weights(bad)
+    with pytest.raises(Inc.InceptionWeightsError, match=f"does not start with {Inc.INCEPTION_SHA256_PREFIX}"):
+        Inc.resolve_inception_weights(bad)
     plain = tmp_path / "inception.pth"  # no hash in the name: accepted, not verified, with a warning
     plain.write_bytes(data)
     with pytest.warns(UserWarning, match="not comparable"):
-        assert not F.resolve_inception_weights(plain).verified
-    with pytest.raises(F.InceptionWeightsError, match="not found"):
-        F.resolve_inception_weights(tmp_path / "missing.pth")
-    with pytest.warns(UserWarning), pytest.raises(F.InceptionWeightsError, match="cannot read"):
-        F.load_inception(F.resolve_inception_weights(plain))
+        assert not Inc.resolve_inception_weights(plain).verified
+    with pytest.raises(Inc.InceptionWeightsError, match="not found"):
+        Inc.resolve_inception_weights(tmp_path / "missing.pth")
+    with pytest.warns(UserWarning), pytest.raises(Inc.InceptionWeightsError, match="cannot read"):
+        Inc.load_inception(Inc.resolve_inception_weights(plain))
 
 
 def test_default_weights_without_network_fail_clearly(tmp_path, monkeypatch):
@@ -131,14 +133,14 @@ def test_default_weights_without_network_fail_clearly(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(F.InceptionWeightsError, match="--inception-weights"):
-        F.resolve_inception_weights(None)
+    with pytest.raises(Inc.InceptionWeightsError, match="--inception-weights"):
+        Inc.resolve_inception_weights(None)
     # a file already in the hub cache is used, and its hash is checked against torch-fidelity's
-    cached = F.default_inception_path()
+    cached = Inc.default_inception_path()
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"corrupt download")
-    with pytest.raises(F.InceptionWeightsError, match="damaged"):
-        F.resolve_inception_weights(None)
+    with pytest.raises(Inc.InceptionWeightsError, match="damaged"):
+        Inc.resolve_inception_weights(None)
 
 
 # ------------------------------------------------------------------------------------ the eval/fid.py path
@@ -259,7 +261,7 @@ def test_eval_fid_script_errors(inception_weights, tmp_path, monkeypatch, capsys
     np.savez(floats, arr_0=np.zeros((4, 8, 8, 3), np.float32))
     assert _run_eval_script([floats, "--ref", floats, "--inception-weights", inception_weights], monkeypatch) == 2
     assert "uint8 images (N, H, W, 3)" in capsys.readouterr().err
-    wrong = tmp_path / f"weights-inception-2015-12-05-{F.INCEPTION_SHA256_PREFIX}.pth"
+    wrong = tmp_path / f"weights-inception-2015-12-05-{Inc.INCEPTION_SHA256_PREFIX}.pth"
     wrong.write_bytes(inception_weights.read_bytes())  # the name promises torch-fidelity's hash
     good = tmp_path / "good.npz"
     np.savez(good, arr_0=_images(4, 0))
@@ -273,7 +275,7 @@ def test_sfid_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc_or
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not torch-fidelity's weights.*")
-        extractor = F.load_inception(F.resolve_inception_weights(inception_weights))
+        extractor = Inc.load_inception(Inc.resolve_inception_weights(inception_weights))
     block_input = []
     hook = extractor.Mixed_6d.register_forward_pre_hook(lambda m, args: block_input.append(args[0].clone()))
     batch = _images(5, 3)
@@ -286,7 +288,7 @@ def test_sfid_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc_or
             return iter([batch])
 
     try:
-        feats = F.extract_features(extractor, FiveImages(), progress=False)
+        feats = Inc.extract_features(extractor, FiveImages(), progress=False)
     finally:
         hook.remove()
     (x,) = block_input
@@ -294,7 +296,7 @@ def test_sfid_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc_or
     bn = branch.bn
     ref = nnf.relu(nnf.batch_norm(nnf.conv2d(x, branch.conv.weight), bn.running_mean, bn.running_var, bn.weight,
                                   bn.bias, training=False, eps=bn.eps))
-    spatial = feats[F.SFID_FEATURE]
+    spatial = feats[Inc.SFID_FEATURE]
     n, _, h, w = ref.shape
     assert spatial.shape == (5, h * w * 7) and (n, h, w) == (5, 3, 3)
     for i in range(n):

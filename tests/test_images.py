@@ -15,8 +15,8 @@ from racedit.data.images import (
     collate_images,
     scan_image_folder,
     to_model_range,
-    write_standin_image_folder,
 )
+from racedit.testing import write_standin_image_folder
 
 
 def rgb(arr: np.ndarray) -> Image.Image:

@@ -17,18 +17,17 @@ from torch.utils.data import DataLoader
 from racedit.config import ConfigError, load_config
 from racedit.data.codec import AutoencoderKLCodec, Codec
 from racedit.data.factory import KeyedMicroBatches, LatentTrainingData, build_codec, build_training_data
-from racedit.data.images import ImageFolder, load_image, to_model_range, write_standin_image_folder
-from racedit.data.latents import (
+from racedit.data.images import ImageFolder, load_image, to_model_range
+from racedit.data.latent_extract import extract_latents, verify_shard
+from racedit.data.latent_store import (
     KeyedIndices,
     LatentBatches,
     LatentDataset,
     LatentStoreError,
-    extract_latents,
     read_manifest,
-    save_standin_vae,
-    verify_shard,
 )
-from racedit.training.batches import ResumableBatchOrder
+from racedit.data.order import ResumableBatchOrder
+from racedit.testing import save_standin_vae, write_standin_image_folder
 
 IMAGE_SIZE, SHARD_SIZE = 32, 12  # 32 files (30 images + 2 bad) -> shards of 12, 12, 8 files
 

@@ -15,6 +15,7 @@ from conftest import run_gloo_workers
 
 from racedit.config import LossConfig, SampleConfig
 from racedit.data.codec import IdentityCodec
+from racedit.diffusion.draws import MicroBatchDraws
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.models import create_model
 from racedit.models.losses import (
@@ -27,7 +28,7 @@ from racedit.models.losses import (
 )
 from racedit.models.moe import MoEFeedForward
 from racedit.models.records import ForwardRecord
-from racedit.training.objective_step import MicroBatchDraws, training_losses
+from racedit.training.objective_step import training_losses
 
 TINY_MOE = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, learn_sigma=False)
 

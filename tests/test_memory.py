@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_config
 
+from racedit.checkpoint import latest_checkpoint, load_into, load_weights, save_checkpoint
 from racedit.config import ConfigError, load_config
 from racedit.models import count_macs, count_params, create_model
 from racedit.models.memory import (
@@ -20,7 +21,6 @@ from racedit.models.memory import (
     weighted_bag,
 )
 from racedit.models.records import ForwardRecord
-from racedit.training.checkpoint import latest_checkpoint, load_into, load_weights, save_checkpoint
 from racedit.training.loop import ema_avg_fn, group_lr_lambda, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 
+from racedit.checkpoint import load_weights
 from racedit.config import load_config
-from racedit.data.images import write_standin_image_folder
-from racedit.data.latents import extract_latents, save_standin_vae
-from racedit.training.checkpoint import load_weights
+from racedit.data.latent_extract import extract_latents
+from racedit.testing import save_standin_vae, write_standin_image_folder
 from racedit.training.loop import train
 
 TINY_LATENT_RUN = [

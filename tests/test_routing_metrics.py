@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from racedit.diffusion.objectives import DDPMObjective, FlowObjective
-from racedit.evaluation.routing import (
+from racedit.models.records import ForwardRecord, MoELayerRecord
+from racedit.models.routing_stats import (
     co_activation,
     combination_curve,
     combination_usage,
@@ -26,7 +27,6 @@ from racedit.evaluation.routing import (
     token_timestep_bins,
     zero_expert_fraction,
 )
-from racedit.models.records import ForwardRecord, MoELayerRecord
 
 
 def mask_from_counts(E: int, per_expert: list[int]) -> torch.Tensor:

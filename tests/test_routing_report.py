@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from racedit.checkpoint import save_checkpoint
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.evaluation.routing_report import FIGURES, SUMMARY, collect_routing_stats, main
 from racedit.models import create_model
 from racedit.models.records import ForwardRecord
-from racedit.training.checkpoint import save_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

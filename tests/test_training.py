@@ -16,10 +16,9 @@ import torch
 from conftest import make_tiny_config
 from safetensors.torch import load_file
 
-import racedit.training.checkpoint as checkpoint_mod
+import racedit.checkpoint as checkpoint_mod
 import racedit.training.loop as loop_mod
-from racedit.config import ConfigError
-from racedit.training.checkpoint import (
+from racedit.checkpoint import (
     latest_checkpoint,
     load_config_of,
     load_train_state,
@@ -27,6 +26,7 @@ from racedit.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from racedit.config import ConfigError
 from racedit.training.loop import TrainingDiverged, train
 
 
@@ -307,7 +307,7 @@ def test_metrics_csv_has_a_header_and_one_row_per_logged_step(tiny_config):
 def test_init_from_starts_a_new_run_from_a_checkpoints_ema_weights(tmp_path):
     """train.init_from loads the EMA weights into a fresh run (new optimizer, step 0): with lr 0 the new
     run's weights stay exactly the source's EMA weights."""
-    from racedit.training.checkpoint import latest_checkpoint, load_weights
+    from racedit.checkpoint import latest_checkpoint, load_weights
 
     source = train(make_tiny_config(tmp_path / "a"))
     ema = load_weights(source.checkpoint, "ema")

@@ -1,4 +1,4 @@
-"""Upcycling a dense DiT into a Race-DiT (racedit.convert.upcycle): exact with E = k, measured otherwise.
+"""Upcycling a dense DiT into a Race-DiT (racedit.models.upcycle): exact with E = k, measured otherwise.
 
 The dense model gets random weights everywhere (adaLN and final layer included: a freshly initialised DiT
 outputs zeros, which would hide any difference).
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from racedit import convert
+from racedit import interop as convert
+from racedit.checkpoint import load_config_of, resolve_checkpoint, save_checkpoint
 from racedit.cli import sample_main
 from racedit.config import load_config
-from racedit.convert import ConversionError
+from racedit.interop import ConversionError
 from racedit.models import create_model
 from racedit.models.records import ForwardRecord
-from racedit.training.checkpoint import load_config_of, resolve_checkpoint, save_checkpoint
+from racedit.models.upcycle import UpcycleError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=4, num_classes=10)
@@ -135,19 +136,19 @@ def test_upcycled_model_trains():
 
 def test_bad_targets_are_named():
     dense = random_dense()
-    with pytest.raises(ConversionError, match=r"RaceDiT-B/2-2in8 is 12x768x12x2.*name RaceDiT-S/2-<k>in<E>"):
+    with pytest.raises(UpcycleError, match=r"RaceDiT-B/2-2in8 is 12x768x12x2.*name RaceDiT-S/2-<k>in<E>"):
         convert.upcycle(dense, "RaceDiT-B/2-2in8")
-    with pytest.raises(ConversionError, match="E divisible by k"):
+    with pytest.raises(UpcycleError, match="E divisible by k"):
         convert.upcycle(dense, "RaceDiT-S/2-4in10")
-    with pytest.raises(ConversionError, match=r"fc1.weight \(128, 32\) cannot be split into k=3 experts of width 43"):
+    with pytest.raises(UpcycleError, match=r"fc1.weight \(128, 32\) cannot be split into k=3 experts of width 43"):
         convert.upcycle(dense, "RaceDiT-S/2-3in9")
-    with pytest.raises(ConversionError, match="is dense"):
+    with pytest.raises(UpcycleError, match="is dense"):
         convert.upcycle(dense, "DiT-S/2")
-    with pytest.raises(ConversionError, match="starts from a dense model"):
+    with pytest.raises(UpcycleError, match="starts from a dense model"):
         convert.upcycle(convert.upcycle(dense, "RaceDiT-S/2-2in4"), "RaceDiT-S/2-2in8")
-    with pytest.raises(ConversionError, match="trunk units"):  # 2 (E/k - 1) = 62 ramps > D = 32
+    with pytest.raises(UpcycleError, match="trunk units"):  # 2 (E/k - 1) = 62 ramps > D = 32
         convert.upcycle(dense, "RaceDiT-S/2-1in32")
-    with pytest.raises(ConversionError, match="unknown model option"):
+    with pytest.raises(UpcycleError, match="unknown model option"):
         convert.upcycle(dense, "RaceDiT-S/2-2in8", experts=8)
 
 

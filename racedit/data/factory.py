@@ -18,6 +18,14 @@ from torch.utils.data import DataLoader
 from racedit.config import Config, ConfigError
 from racedit.data.codec import AutoencoderKLCodec, Codec, IdentityCodec
 from racedit.data.digits import DigitsDataset
+from racedit.data.latent_store import (
+    KeyedIndices,
+    LatentBatches,
+    LatentDataset,
+    LatentStoreError,
+    read_manifest,
+)
+from racedit.data.order import ResumableBatchOrder
 
 
 @dataclass
@@ -60,7 +68,6 @@ class KeyedMicroBatches:
         self.order, self.start_step = order, start_step
 
     def __iter__(self):
-        from racedit.data.latents import KeyedIndices
 
         step = self.start_step
         while True:
@@ -103,8 +110,6 @@ class LatentTrainingData:
         return self.dataset.read(torch.as_tensor(idx).numpy(), epoch=0)[0]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from racedit.data.latents import LatentBatches
-
         device = torch.device(device)
         workers = self.num_workers
         # whole micro-batches per item (batch_size=None): read once, no per-sample split and re-collate
@@ -120,8 +125,6 @@ def build_training_data(cfg: Config) -> TrainingData | LatentTrainingData:
     memory-mapped)."""
     d = cfg.data
     if d.kind == "latents":
-        from racedit.data.latents import LatentDataset, LatentStoreError
-
         try:
             ds = LatentDataset(d.latents, sample_posterior=d.sample_posterior, flip=d.flip, seed=cfg.train.seed)
         except LatentStoreError as e:
@@ -141,8 +144,6 @@ def build_codec(cfg: Config, vae: str | None = None) -> Codec:
     d = cfg.data
     if d.kind != "latents":
         return IdentityCodec(channels=1)
-    from racedit.data.latents import LatentStoreError, read_manifest
-
     override = vae or d.vae or None
     try:
         manifest = read_manifest(d.latents)
@@ -157,3 +158,10 @@ def build_codec(cfg: Config, vae: str | None = None) -> Codec:
     shift = manifest.get("shift_factor") or 0.0
     return AutoencoderKLCodec(override, scaling_factor=manifest["scaling_factor"], shift_factor=shift,
                               channels=manifest["latent_channels"], downsample=manifest["downsample"])
+
+
+def training_batches(cfg, batch_size: int, seed: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (x0, y) of `batch_size` from the training data that `cfg` names, in a seeded shuffled order
+    (the digits split in memory, or the latent store, with its flips and posterior noise)."""
+    data = build_training_data(cfg)
+    return data.loader(ResumableBatchOrder(data.num_examples, batch_size, seed), 0, device)

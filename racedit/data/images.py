@@ -150,31 +150,3 @@ def collate_images(items: list[dict]) -> ImageBatch:
     labels = torch.tensor([it["label"] for it in good], dtype=torch.int64)
     indices = torch.tensor([it["index"] for it in good], dtype=torch.int64)
     return ImageBatch(images, labels, indices, skipped)
-
-
-def write_standin_image_folder(root: str | Path, num_classes: int = 3, per_class: int = 10, size: int = 40,
-                               seed: int = 0, corrupt: bool = True) -> Path:
-    """A small generated ImageFolder (no network) for smoke tests, docs and benchmarks.
-
-    Class c holds `per_class` PNGs of random colour blobs with varied aspect ratios around `size`, named
-    `img_000.png`...; with `corrupt`, class 0 also gets a truncated PNG (`broken.png`) and class 1 a text
-    file (`notes.txt`), which a reader must skip. Returns the root.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            w = int(size * rng.uniform(1.0, 1.6))
-            h = int(size * rng.uniform(1.0, 1.3))
-            w, h = (w, h) if j % 2 else (h, w)
-            base = rng.integers(0, 256, size=3)
-            arr = np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
-            arr[: h // 2, : w // 3] = 255 - arr[: h // 2, : w // 3]  # an asymmetric patch: flips differ
-            Image.fromarray(arr).save(d / f"img_{j:03d}.png")
-    if corrupt and num_classes >= 2:
-        good = (root / "class_00" / "img_000.png").read_bytes()
-        (root / "class_00" / "broken.png").write_bytes(good[: len(good) // 2])
-        (root / "class_01" / "notes.txt").write_text("not an image\n")
-    return root

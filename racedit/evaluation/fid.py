@@ -1,6 +1,7 @@
-"""FID, sFID, Inception Score, KID and precision/recall comparable with the ADM evaluator (the library behind `eval/fid.py`).
+"""FID, sFID, Inception Score, KID and precision/recall comparable with the ADM evaluator: references,
+statistics files, `evaluate` and its report (the library behind `racedit fid`).
 
-Protocol (see docs/fid.md and the evaluation section of the reference notes):
+Protocol (docs/fid.md):
 
 - Features come from torch-fidelity's `FeatureExtractorInceptionV3`, the TF-compatible port of the TF Inception
   graph the ADM evaluator runs: uint8 input, TF1 bilinear resize to 299, (x - 128) / 128, pool_3 features
@@ -29,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import datetime
 import json
 import math
-import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,299 +42,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from racedit.fileio import atomic_path, atomic_write_text, sha256_of
-
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+from racedit.evaluation.inception import (
+    FID_FEATURE,
+    IS_FEATURE,
+    SFID_FEATURE,
+    SPATIAL_CHANNELS,
+    SPATIAL_MODULE,
+    InceptionWeights,
+    extract_features,
+    load_inception,
+    resolve_inception_weights,
 )
-INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub convention: the leading hex digits of the file's SHA-256
-FID_FEATURE = "2048"  # pool_3
-IS_FEATURE = "logits_unbiased"  # pool_3 x fc weight, no bias (as ADM)
-SFID_FEATURE = "spatial"  # ADM's mixed_6/conv:0, first 7 channels (a forward hook; not a torch-fidelity feature)
-SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF's mixed_6/conv: the 1x1 branch of the fourth 17x17 block
-SPATIAL_CHANNELS = 7
+from racedit.evaluation.metrics import (
+    EvaluationError,
+    frechet_distance,
+    gaussian_statistics,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
+from racedit.fileio import atomic_path, atomic_write_text
+from racedit.npz import NpzError, NpzImages, read_npz_metadata
+
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torch.hub names: <stem>-<sha256 prefix>.<ext>
-
-
-class EvaluationError(ValueError):
-    """Inputs that cannot be evaluated (wrong format, missing keys, bad weights); the message says what to do."""
-
-
-class InceptionWeightsError(EvaluationError):
-    """An Inception weights file that is missing, unreadable, or whose hash does not match its name."""
-
-
-# ----------------------------------------------------------------------------------------------- the math
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Fréchet distance ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}) of two Gaussians.
-
-    mu: (F,), sigma: (F, F), as numpy arrays or tensors (computed in float64). The matrix square root is
-    scipy's `sqrtm`, as in the ADM evaluator and pytorch-fid (identical covariances skip it: the trace term is
-    then exactly 0): when the product is singular and the root is not
-    finite, `eps` is added to both diagonals; a small imaginary part from rounding is dropped. When the
-    imaginary part is not small (rank-deficient covariances, e.g. fewer samples than dimensions) the trace is
-    computed instead from the eigenvalues of sigma1^{1/2} sigma2 sigma1^{1/2} (symmetric, PSD: the same
-    trace in exact arithmetic), with a warning.
-    """
-    from scipy import linalg
-
-    mu1, mu2 = (np.atleast_1d(np.asarray(_numpy(m), dtype=np.float64)) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(_numpy(s), dtype=np.float64)) for s in (sigma1, sigma2))
-    if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise ValueError(f"means must be vectors of the same length, got {mu1.shape} and {mu2.shape}")
-    d = mu1.shape[0]
-    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"covariances must be ({d}, {d}), got {sigma1.shape} and {sigma2.shape}")
-    if not (np.isfinite(mu1).all() and np.isfinite(mu2).all() and np.isfinite(sigma1).all()
-            and np.isfinite(sigma2).all()):
-        raise ValueError("statistics contain NaN or inf (features of broken images?)")
-    diff = mu1 - mu2
-    if np.array_equal(sigma1, sigma2):  # (S S)^{1/2} = S for a PSD S: exact, and skips the O(F^3) root
-        return float(diff @ diff)
-
-    with warnings.catch_warnings():  # "matrix is singular": handled below by the finiteness / imaginary checks
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            warnings.warn(f"Fréchet distance: singular product of covariances; adding {eps} to the diagonals",
-                          stacklevel=2)
-            offset = np.eye(d) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3) and np.isfinite(covmean).all():
-            covmean = covmean.real
-        else:
-            warnings.warn("Fréchet distance: sqrtm left a large imaginary part (rank-deficient covariances: "
-                          "too few samples for the feature width?); using the symmetric eigenvalue form",
-                          stacklevel=2)
-            return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2))
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr((sigma1 sigma2)^{1/2}) = sum sqrt(eig(sigma1^{1/2} sigma2 sigma1^{1/2})) for PSD sigma1, sigma2."""
-    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ sigma2 @ root1
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
-
-
-def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (F,) and covariance (F, F) in float64 of features (N, F) (N >= 2), as the ADM evaluator computes them."""
-    x = np.asarray(_numpy(features), dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need features (N, F) with N >= 2, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
-def inception_score(logits, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) of the Inception Score over `splits` consecutive splits of logits (N, 1008), not shuffled.
-
-    Uses torch-fidelity's implementation; on 50K samples this is ADM's 10 splits of 5000.
-    """
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
-    logits = torch.as_tensor(logits)
-    if len(logits) < splits:
-        raise EvaluationError(f"Inception Score with {splits} splits needs at least {splits} samples, got {len(logits)}")
-    out = isc_features_to_metric(logits, splits=splits, shuffle=False)
-    return out["inception_score_mean"], out["inception_score_std"]
-
-
-def precision_recall(gen_features, ref_features, k: int = 3, batch_size: int = 10000,
-                     device: str | torch.device = "cpu") -> tuple[float, float]:
-    """Improved precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019) of generated vs reference features.
-
-    precision: fraction of generated points inside some reference point's k-NN ball; recall: fraction of
-    reference points inside some generated point's ball. Uses torch-fidelity's batched implementation
-    (memory: batch_size x N distances at a time).
-    """
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
-
-    f1 = torch.as_tensor(gen_features, dtype=torch.float32).to(device)
-    f2 = torch.as_tensor(ref_features, dtype=torch.float32).to(device)
-    if min(len(f1), len(f2)) <= k:
-        raise EvaluationError(f"precision/recall with k={k} needs more than {k} points on each side")
-    precision, recall = calculate_precision_recall_part(f1, f2, neighborhood=k, batch_size=batch_size)
-    return float(precision), float(recall)
-
-
-def kernel_inception_distance(gen_features, ref_features, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 2020) -> tuple[float, float]:
-    """(mean, std) of KID: torch-fidelity's unbiased polynomial-kernel MMD^2 over random subsets."""
-    from torch_fidelity.metric_kid import kid_features_to_metric
-
-    f1, f2 = torch.as_tensor(gen_features), torch.as_tensor(ref_features)
-    size = min(subset_size, len(f1), len(f2))
-    out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
-    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
-
-
-def _numpy(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-@dataclass
-class InceptionWeights:
-    """A resolved Inception weights file and what is known about it."""
-
-    path: Path
-    sha256: str
-    source: str  # "default" (torch-fidelity's file in the torch hub cache) or "path"
-    verified: bool  # the SHA-256 starts with the prefix its name (or torch-fidelity's file) promises
-    expected_prefix: str | None  # the hash prefix that was checked, if any
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "source": self.source,
-                "verified": self.verified, "expected_sha256_prefix": self.expected_prefix,
-                "is_torch_fidelity_weights": self.sha256.startswith(INCEPTION_SHA256_PREFIX)}
-
-
-def default_inception_path() -> Path:
-    """Where torch-fidelity's default download lives (the torch hub cache; `$TORCH_HOME` moves it)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
-
-
-def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> InceptionWeights:
-    """The Inception weights to use: `path`, or torch-fidelity's file (downloaded into the hub cache if absent).
-
-    The SHA-256 prefix is checked when the file name carries one (torch.hub's `<stem>-<hex>.<ext>`) and always
-    for the default file; a mismatch raises InceptionWeightsError. A file without a hash in its name is
-    accepted; if it is not torch-fidelity's file (SHA-256 prefix 6726825d) a warning says its numbers are not
-    comparable with published ones.
-    """
-    if path is None:
-        p = default_inception_path()
-        if not p.exists():
-            if not download:
-                raise InceptionWeightsError(f"Inception weights not found at {p}; pass --inception-weights PATH")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            print(f"downloading torch-fidelity's Inception weights to {p}", file=sys.stderr)
-            try:
-                torch.hub.download_url_to_file(INCEPTION_URL, str(p), hash_prefix=INCEPTION_SHA256_PREFIX)
-            except Exception as e:  # URLError, timeouts, and the hash check of the download
-                raise InceptionWeightsError(
-                    f"could not download the Inception weights from {INCEPTION_URL} ({type(e).__name__}: {e}). "
-                    f"On an offline machine copy that file from elsewhere and pass --inception-weights PATH"
-                ) from e
-        source, expected = "default", INCEPTION_SHA256_PREFIX
-    else:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise InceptionWeightsError(f"Inception weights file not found: {p}")
-        m = _HASH_IN_NAME.search(p.name)
-        source, expected = "path", (m.group(1) if m else None)
-    digest = sha256_of(p)
-    if expected is not None and not digest.startswith(expected):
-        raise InceptionWeightsError(
-            f"Inception weights {p}: SHA-256 {digest[:16]}... does not start with {expected}, the hash its name "
-            f"promises. The file is damaged or not the file its name says; delete it and fetch it again "
-            f"({INCEPTION_URL})"
-        )
-    if not digest.startswith(INCEPTION_SHA256_PREFIX):
-        warnings.warn(f"Inception weights {p} (SHA-256 {digest[:16]}...) are not torch-fidelity's weights "
-                      f"(SHA-256 {INCEPTION_SHA256_PREFIX}...): the numbers are not comparable with published ones",
-                      stacklevel=2)
-    return InceptionWeights(p, digest, source, expected is not None, expected)
-
-
-def load_inception(weights: InceptionWeights, device: str | torch.device = "cpu"):
-    """torch-fidelity's FeatureExtractorInceptionV3 with `weights`, producing pool_3 and the bias-free logits."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    try:  # a weights-only load first: it runs no code from the file (torch-fidelity's own load does not check)
-        state = torch.load(weights.path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InceptionWeightsError(f"cannot read Inception weights {weights.path}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InceptionWeightsError(f"{weights.path} is not a state dict of tensors")
-    del state
-    try:
-        extractor = FeatureExtractorInceptionV3("inception-v3-compat", [FID_FEATURE, IS_FEATURE],
-                                                feature_extractor_weights_path=str(weights.path))
-    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
-        raise InceptionWeightsError(f"{weights.path} does not fit torch-fidelity's Inception-v3: {e}") from e
-    return extractor.to(device).eval()
-
-
-# ------------------------------------------------------------------------------------------------- images
-
-
-class NpzImages:
-    """uint8 images (N, H, W, 3) stored as `key` (default arr_0) of an .npz, read in batches without loading all.
-
-    The member is streamed out of the zip (stored or deflated), so a 50K x 256 x 256 x 3 batch (9.8 GB) never
-    has to fit in memory.
-    """
-
-    def __init__(self, path: str | Path, key: str = "arr_0"):
-        self.path = Path(path)
-        self.key = key
-        with zipfile.ZipFile(self.path) as zf:
-            if f"{key}.npy" not in zf.namelist():
-                raise EvaluationError(f"{self.path} has no '{key}' array (keys: {_npz_keys(zf)})")
-            with zf.open(f"{key}.npy") as f:
-                shape, fortran, dtype = _read_npy_header(f, self.path)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-            raise EvaluationError(
-                f"{self.path}: '{key}' must be uint8 images (N, H, W, 3) in C order (the ADM format), got "
-                f"{dtype} {shape}{' (Fortran order)' if fortran else ''}. Convert images x in [-1, 1] with "
-                f"clamp(127.5 x + 128, 0, 255).astype(uint8) in NHWC layout"
-            )
-        self.shape = shape
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.shape[1], self.shape[2]
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        n = len(self) if limit is None else min(limit, len(self))
-        row = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            _read_npy_header(f, self.path)
-            for start in range(0, n, batch_size):
-                count = min(batch_size, n - start)
-                buf = bytearray(_read_exact(f, count * row, self.path))  # writable, for torch.from_numpy
-                yield np.frombuffer(buf, dtype=np.uint8).reshape(count, *self.shape[1:])
-
-
-def _npz_keys(zf: zipfile.ZipFile) -> list[str]:
-    return [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
-
-
-def _read_npy_header(f, path: Path):
-    from numpy.lib import format as npy
-
-    version = npy.read_magic(f)
-    if version == (1, 0):
-        return npy.read_array_header_1_0(f)
-    if version == (2, 0):
-        return npy.read_array_header_2_0(f)
-    raise EvaluationError(f"{path}: unsupported .npy format version {version}")
-
-
-def _read_exact(f, nbytes: int, path: Path) -> bytes:
-    parts, got = [], 0
-    while got < nbytes:
-        chunk = f.read(nbytes - got)
-        if not chunk:
-            raise EvaluationError(f"{path}: array data ends early (truncated file?)")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 class FolderImages:
     """The image files under a folder (recursively, sorted by path), read as RGB uint8 (H, W, 3)."""
 
@@ -399,68 +128,6 @@ def open_images(path: str | Path) -> NpzImages | FolderImages:
     if not p.exists():
         raise EvaluationError(f"not found: {p}")
     raise EvaluationError(f"{p}: expected an .npz with uint8 NHWC 'arr_0' (ADM format) or a folder of images")
-
-
-def read_npz_metadata(path: str | Path) -> dict | None:
-    """The JSON `metadata` that sample.py stores in its npz, or None (absent, or not a JSON string)."""
-    with np.load(path, allow_pickle=False) as z:
-        if "metadata" not in z.files:
-            return None
-        try:
-            meta = json.loads(str(z["metadata"]))
-        except ValueError:  # a pickled object array, or text that is not JSON
-            return None
-    return meta if isinstance(meta, dict) else None
-
-
-# ----------------------------------------------------------------------------------------------- features
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """Full fp32 convolutions and matmuls (TF32 moves FID slightly); restores the previous settings."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@torch.no_grad()
-def extract_features(extractor, images: NpzImages | FolderImages, batch_size: int = 100, limit: int | None = None,
-                     progress: bool = True, desc: str = "inception") -> dict[str, torch.Tensor]:
-    """{"2048": pool_3 features (N, 2048), "logits_unbiased": (N, 1008), "spatial": sFID features (N, 7 h w)}
-    in float32 on the CPU (h = w = 17 at the standard 299 px input)."""
-    from tqdm.auto import tqdm
-
-    device = next(extractor.parameters()).device
-    n = len(images) if limit is None else min(limit, len(images))
-    outs: dict[str, list[torch.Tensor]] = {name: [] for name in [*extractor.features_list, SFID_FEATURE]}
-
-    def keep_spatial(module, inputs, output):  # (B, 192, h, w) -> (B, h * w * 7) in TF's NHWC order
-        spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
-        outs[SFID_FEATURE].append(spatial.reshape(len(output), -1).float().cpu())
-
-    hook = extractor.get_submodule(SPATIAL_MODULE).register_forward_hook(keep_spatial)
-    try:
-        with _no_tf32(), tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            for batch in images.batches(batch_size, limit=n):
-                x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-                if x.shape[1] == 1:
-                    x = x.repeat(1, 3, 1, 1)
-                feats = extractor(x.to(device))
-                for name, f in zip(extractor.features_list, feats):
-                    outs[name].append(f.float().cpu())
-                bar.update(len(batch))
-    finally:
-        hook.remove()
-    result = {name: torch.cat(v) for name, v in outs.items()}
-    bad = (~torch.isfinite(result[FID_FEATURE])).any(1).sum().item()
-    if bad:
-        raise EvaluationError(f"{bad} images gave non-finite Inception features")
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -774,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate(args.samples, args.ref, args.inception_weights, settings, save_stats_path=args.save_stats,
                           stats_max_features=args.stats_features, progress=not args.quiet)
-    except EvaluationError as e:
+    except (EvaluationError, NpzError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = save_report(report, Path(args.out) if args.out else _default_report_path(Path(args.samples)))

@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from racedit.evaluation.routing import (
+from racedit.config import ConfigError
+from racedit.data.factory import build_training_data
+from racedit.models.records import ForwardRecord
+from racedit.models.routing_stats import (
     co_activation,
     combination_curve,
     combination_usage_from_counts,
@@ -42,7 +45,7 @@ from racedit.evaluation.routing import (
     max_violation_from_load,
     timestep_fraction,
 )
-from racedit.models.records import ForwardRecord
+from racedit.sampling import load_for_sampling
 
 FIGURES = {
     "timestep": "experts_per_token_vs_timestep.png",
@@ -92,9 +95,6 @@ def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> 
     """Clean inputs x0 (n, C, H, W) and labels (n,) from the run's training data: `per_class` examples of each
     class, chosen by a seeded permutation. When the data is not available here (latents not extracted on
     this machine), x0 is None and the caller uses zeros; the third item says which."""
-    from racedit.config import ConfigError
-    from racedit.data.factory import build_training_data
-
     labels_out = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
     try:
         data = build_training_data(cfg)
@@ -404,8 +404,6 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
     """Write the figures and `summary.md` of a checkpoint's routing into `out_dir`; returns {key: path}
     (keys of FIGURES plus "summary"). `calibrate_threshold` > 0 first recalibrates tau of the loaded
     weights on that many training batches (see `load_for_sampling`)."""
-    from racedit.sampling import load_for_sampling
-
     loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device, calibrate_threshold=calibrate_threshold,
                                calibration_batch=calibration_batch, progress=progress)
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import fields, replace
 
+import torch
 import torch.nn as nn
 
 from racedit.config import ConfigError, ModelConfig
-from racedit.models.dit import DiT
-from racedit.models.presets import resolve_preset
+from racedit.models.dit import DiT, DiTBlock, build_feedforward
+from racedit.models.memory import read_macs_per_token
+from racedit.presets import resolve_preset
 
 __all__ = ["DiT", "create_model", "resolve_model_config", "count_params", "count_macs"]
 
@@ -29,7 +31,29 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
     if cfg.input_size % cfg.patch_size:
         raise ConfigError(f"model.input_size={cfg.input_size} is not divisible by model.patch_size={cfg.patch_size}")
+    if cfg.memory == "ultramemv2" and not cfg.memory_key_dim:
+        cfg = replace(cfg, memory_key_dim=_memory_share_key_dim(cfg))
     return cfg
+
+
+def block_macs_per_token(cfg: ModelConfig) -> float:
+    """MACs per token of one DiT block without memory (attention at this model's token count, the dense MLP
+    or the MoE at mean k, the block's adaLN spread over the tokens), counted by `DiTBlock.macs` on the meta
+    device: the denominator of UltraMemV2's memory share."""
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    with torch.device("meta"):
+        block = DiTBlock(cfg.hidden_size, cfg.num_heads, build_feedforward(cfg, 0))
+    return block.macs(tokens) / tokens
+
+
+def _memory_share_key_dim(cfg: ModelConfig) -> int:
+    """UltraMemV2's key width Dk (a multiple of 8, at least 8) whose memory MACs per token are
+    `model.memory_share` of block + memory MACs. Dk enters linearly (query projection and key scores), so it
+    is solved from two probe layers."""
+    target = cfg.memory_share / (1 - cfg.memory_share) * block_macs_per_token(cfg)
+    lo, hi = (read_macs_per_token(cfg, k) for k in (8, 16))
+    per_dim = (hi - lo) / 8
+    return max(8, int(round((8 + (target - lo) / per_dim) / 8)) * 8)
 
 
 def create_model(name: str | ModelConfig = "DiT-XL/2", **overrides) -> DiT:

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from racedit.models.connections import ResidualConnection, build_connection, expand_streams, merge_streams
 from racedit.models.memory import build_memory
+from racedit.models.moe import MoEFeedForward
 from racedit.models.records import ForwardRecord
 
 
@@ -188,8 +189,6 @@ def build_feedforward(cfg, layer_index: int) -> nn.Module:
     d = cfg.hidden_size
     if not cfg.moe_experts:
         return FeedForward(d, int(d * cfg.mlp_ratio))
-    from racedit.models.moe import MoEFeedForward  # MoE code is only imported by MoE models
-
     return MoEFeedForward(
         d, cfg.moe_experts, cfg.moe_k, mlp_ratio=cfg.mlp_ratio, routing=cfg.routing, gating=cfg.gating,
         race_scope=cfg.race_scope, threshold_decay=cfg.threshold_decay,

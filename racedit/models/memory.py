@@ -533,18 +533,6 @@ class UltraMemV2(_TuckerMemory):
 # Construction from a resolved ModelConfig
 # --------------------------------------------------------------------------------------------------------------
 
-def block_macs_per_token(cfg) -> float:
-    """MACs per token of one DiT block without memory (attention at this model's token count, the dense MLP
-    or the MoE at mean k, the block's adaLN spread over the tokens); the denominator of the memory share.
-    Counted by the block itself (`DiTBlock.macs`), built on the meta device."""
-    from racedit.models.dit import DiTBlock, build_feedforward  # dit imports this module
-
-    tokens = (cfg.input_size // cfg.patch_size) ** 2
-    with torch.device("meta"):
-        block = DiTBlock(cfg.hidden_size, cfg.num_heads, build_feedforward(cfg, 0))
-    return block.macs(tokens) / tokens
-
-
 def memory_blocks(cfg) -> list[int]:
     """Block indices that get a memory layer (none when model.memory = none; empty list = every block)."""
     if cfg.memory == "none":
@@ -579,31 +567,17 @@ def _layer(cfg, key_dim: int, layer_index: int) -> MemoryLayer:
                       prevalue_dim=cfg.memory_prevalue_dim, mlp_ratio=cfg.mlp_ratio, **tucker, **common)
 
 
-def resolve_key_dim(cfg) -> int:
-    """Dk: `model.memory_key_dim` if set; else D/2 (pkm, ultramem); else, for ultramemv2, the Dk (a multiple
-    of 8, at least 8) whose memory MACs per token are `model.memory_share` of block + memory MACs. Dk enters
-    linearly (query projection and key scores), so it is solved from two probe layers."""
-    if cfg.memory_key_dim:
-        return cfg.memory_key_dim
-    if cfg.memory != "ultramemv2":
-        return cfg.hidden_size // 2
-    key = repr(cfg)
-    if key not in _KEY_DIMS:
-        target = cfg.memory_share / (1 - cfg.memory_share) * block_macs_per_token(cfg)
-        with torch.device("meta"):
-            lo, hi = (_layer(cfg, k, 0).read_macs_per_token() for k in (8, 16))
-        per_dim = (hi - lo) / 8
-        _KEY_DIMS[key] = max(8, int(round((8 + (target - lo) / per_dim) / 8)) * 8)
-    return _KEY_DIMS[key]
-
-
-_KEY_DIMS: dict[str, int] = {}  # repr(ModelConfig) -> derived Dk (every block of a model asks)
+def read_macs_per_token(cfg, key_dim: int) -> float:
+    """MACs per token of one memory layer of this config with key width `key_dim` (built on the meta device)."""
+    with torch.device("meta"):
+        return _layer(cfg, key_dim, 0).read_macs_per_token()
 
 
 def build_memory(cfg, layer_index: int) -> MemoryLayer | None:
-    """The memory layer of block `layer_index` for a resolved ModelConfig, or None."""
+    """The memory layer of block `layer_index` for a resolved ModelConfig (its `memory_key_dim` already
+    solved by `racedit.models.resolve_model_config`), or None."""
     if layer_index not in memory_blocks(cfg):
         return None
     if cfg.memory not in KINDS:
         raise ConfigError(f"bad value for 'model.memory': {cfg.memory!r}. Allowed: {['none', *KINDS]}")
-    return _layer(cfg, resolve_key_dim(cfg), layer_index)
+    return _layer(cfg, cfg.memory_key_dim, layer_index)

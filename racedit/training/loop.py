@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +19,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from racedit.config import Config, ConfigError, to_yaml
-from racedit.data.factory import build_codec, build_training_data
-from racedit.diffusion.objectives import create_objective
-from racedit.evaluation.routing import diagnostics_due, routing_diagnostics, timestep_fraction
-from racedit.models import count_params, create_model, resolve_model_config
-from racedit.models.records import ForwardRecord
-from racedit.training.batches import ResumableBatchOrder
-from racedit.training.checkpoint import (
+from racedit.checkpoint import (
     latest_checkpoint,
     load_config_of,
     load_into,
@@ -34,8 +28,20 @@ from racedit.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from racedit.config import Config, ConfigError, to_yaml
+from racedit.data.factory import build_codec, build_training_data
+from racedit.data.order import ResumableBatchOrder
+from racedit.diffusion.draws import StepRandomness
+from racedit.diffusion.objectives import Objective, create_objective
+from racedit.models import count_params, create_model, resolve_model_config
+from racedit.models.records import ForwardRecord
+from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
+from racedit.sampling import sample_images, save_grid
 from racedit.training.metrics import MetricsLogger
-from racedit.training.objective_step import StepRandomness, training_losses
+from racedit.training.objective_step import training_losses
+
+# (cfg, EMA model, objective, device) -> {metric: value}; see `train`
+EndOfRunEvaluation = Callable[[Config, torch.nn.Module, Objective, torch.device], dict]
 
 
 class TrainingDiverged(RuntimeError):
@@ -132,11 +138,15 @@ def _check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> None:
                           f"({saved.train.global_batch}, {saved.train.seed})")
 
 
-def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None = None,
+          evaluate: EndOfRunEvaluation | None = None) -> TrainResult:
     """Train per `cfg`. `resume`: True = latest checkpoint in the run directory if any, or a checkpoint path.
 
     `stop_after` ends the loop after that many optimizer steps of this call (tests use it to simulate
-    an interruption) without the end-of-run checkpoint, samples and evaluation.
+    an interruption) without the end-of-run checkpoint, samples and evaluation. `evaluate(cfg, ema_model,
+    objective, device) -> {name: value}` runs on the main process at the end of a digits run with
+    `train.eval_samples_per_class` > 0 (the CLI passes `racedit.evaluation.digits.evaluate_digits_model`);
+    its floats are logged as `eval/<name>` at the last step and returned in `TrainResult.metrics`.
     """
     tc = cfg.train
     if tc.num_threads:
@@ -313,10 +323,8 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
             grid = out_dir / "samples" / f"step_{step:07d}.png"
             _sample_grid(cfg, ema.module, objective, codec, grid, device)
             summary["grid"] = str(grid)
-            if tc.eval_samples_per_class and cfg.data.kind == "digits":
-                from racedit.evaluation.demo import evaluate_digits_model
-
-                summary.update(evaluate_digits_model(cfg, ema.module, objective, device))
+            if evaluate is not None and tc.eval_samples_per_class and cfg.data.kind == "digits":
+                summary.update(evaluate(cfg, ema.module, objective, device))
                 logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
     seconds = time.perf_counter() - t0
     if logger is not None:
@@ -328,8 +336,6 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
 @torch.no_grad()
 def _sample_grid(cfg: Config, model: torch.nn.Module, objective, codec, path: Path, device) -> None:
     """A PNG grid with one row per class (at most 10 classes, 8 samples each), sampled with `cfg.sample`."""
-    from racedit.sampling import sample_images, save_grid
-
     per_row = 8
     classes = torch.arange(min(model.num_classes, 10), device=device).repeat_interleave(per_row)
     images = sample_images(model, objective, codec, classes, cfg.sample, seed=cfg.train.seed,

@@ -1,7 +1,9 @@
-"""Metrics to `metrics.csv` (one row per logged step) and to TensorBoard, from the main process only."""
+"""Metrics to `metrics.csv` (one row per logged step) and to TensorBoard, from the main process only; and
+reading a run's metrics.csv back (`read_metrics`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 
@@ -53,3 +55,28 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[str], list[dict[str, float]]]:
+    """(header, rows) of a run's metrics.csv, values as floats (empty cells left out)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return [], []
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = []
+        for r in reader:
+            row = {}
+            for k, v in r.items():
+                if k is None or v in (None, ""):
+                    continue
+                with contextlib.suppress(ValueError):
+                    row[k] = float(v)
+            rows.append(row)
+    return header, rows
+
+
+def loss_column(header: list[str]) -> str:
+    """The diffusion loss column: "loss/diffusion" when auxiliary losses are on (then "loss" is the total)."""
+    return "loss/diffusion" if "loss/diffusion" in header else "loss"

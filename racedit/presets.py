@@ -42,7 +42,3 @@ def resolve_preset(name: str) -> dict[str, int]:
     return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch),
             "moe_k": k_, "moe_experts": e_}
 
-
-def preset_names() -> list[str]:
-    """All dense preset names (MoE names are open-ended: any k-in-E)."""
-    return [f"DiT-{s}/{p}" for s in SIZES for p in PATCHES]

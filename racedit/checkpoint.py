@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from racedit.config import Config, ConfigError, from_yaml_text, to_yaml
+from racedit.models import create_model
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
@@ -165,8 +166,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 def load_model(path: str | Path, which: str = "ema") -> tuple[torch.nn.Module, Config, Path]:
     """The model a checkpoint's config describes with its `which` ("ema" or "model") weights loaded, in eval
     mode on the CPU: (model, config, checkpoint dir). Raises CheckpointError for a missing or unfit one."""
-    from racedit.models import create_model  # models import the config module, which this one imports
-
     ckpt = resolve_checkpoint(path)
     cfg = load_config_of(ckpt)
     model = create_model(cfg.model)

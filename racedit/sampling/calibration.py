@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from racedit.diffusion.draws import MicroBatchDraws
 from racedit.diffusion.objectives import Objective
 from racedit.models.moe import threshold_layers, thresholds_kept
 from racedit.models.records import ForwardRecord
-from racedit.training.objective_step import MicroBatchDraws
 
 
 @dataclass
@@ -90,13 +90,3 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
         m.tau.fill_(float(sums[m.layer_index]) / num_batches)
         m.threshold_initialized.fill_(True)
     return ThresholdCalibration(num_batches, batch_size, seed, before, {m.layer_index: float(m.tau) for m in layers})
-
-
-def training_batches(cfg, batch_size: int, seed: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches (x0, y) of `batch_size` from the training data that `cfg` names, in a seeded shuffled order
-    (the digits split in memory, or the latent store, with its flips and posterior noise)."""
-    from racedit.data.factory import build_training_data
-    from racedit.training.batches import ResumableBatchOrder
-
-    data = build_training_data(cfg)
-    return data.loader(ResumableBatchOrder(data.num_examples, batch_size, seed), 0, device)

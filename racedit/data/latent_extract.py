@@ -1,21 +1,7 @@
-"""VAE latents of an image folder: resumable sharded extraction, the manifest, and `LatentDataset`.
+"""Resumable, sharded extraction of an image folder into the latent store (`racedit.data.latent_store`).
 
-Letters: N latents (readable images), n rows of one shard, c latent channels, h x w latent side,
+Letters: N latents (readable images), n rows of one shard, C latent channels, h x w latent side,
 S image side.
-
-On disk (`out/`):
-
-    manifest.json          written last, once every shard is complete: settings, classes, counts, skips
-    class_to_idx.json      {class folder name: label}
-    shard-00000/           one directory per block of `shard_size` consecutive files of the image folder
-        moments.npy        (n, 2, 2, c, h, w) float16|float32: [row, flip, (mean, std)]
-        labels.npy         (n,) int64
-        file_index.npy     (n,) int64 position of the row's file in the folder's sorted file list
-        shard.json         file range, settings, rows, skipped files, array shapes, sizes and sha256
-
-Flip 0 is the center-cropped image, flip 1 the same image mirrored left-right before encoding, so both
-random-flip augmentations of DiT are stored exactly. mean = (posterior mean - shift) * scaling_factor and
-std = posterior std * scaling_factor: a latent in model space is mean + std * N(0, 1).
 
 A shard is written into `shard-XXXXX.tmp-*` and renamed into place only when all its files (shard.json
 last) are on disk, so a killed run never leaves a half-written shard under the final name; a re-run
@@ -28,31 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from racedit.data.codec import AutoencoderKLCodec
 from racedit.data.images import ImageFolder, collate_images, to_model_range
+from racedit.data.latent_store import FORMAT, MANIFEST, STORE_DTYPES, LatentStoreError, read_manifest
 from racedit.fileio import atomic_write_text, sha256_of
 
-FORMAT = "racedit-latents/1"
-MANIFEST = "manifest.json"
-STORE_DTYPES = ("float16", "float32")
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class LatentStoreError(RuntimeError):
-    """A latent directory that is missing, incomplete, or was made with other settings."""
 
 
 # --- Extraction ----------------------------------------------------------------------------------------
@@ -348,205 +327,3 @@ def _write_manifest(out: Path, images: ImageFolder, plan: list[tuple[int, int]],
     return manifest
 
 
-def read_manifest(root: str | Path) -> dict:
-    """The manifest of a latent directory; `LatentStoreError` with what to do when it is missing."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        if Path(root).is_dir() and any(Path(root).glob("shard-*")):
-            raise LatentStoreError(f"{root} has no {MANIFEST}: its extraction did not finish. Re-run the same "
-                                   f"eval/extract_latents.py command to complete it (finished shards are kept)")
-        raise LatentStoreError(f"{root} is not a latent directory (no {MANIFEST}); make one with "
-                               f"eval/extract_latents.py --data IMAGE_ROOT --vae VAE --out {root}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise LatentStoreError(f"{path}: format {manifest.get('format')!r}, this racedit reads {FORMAT!r}")
-    return manifest
-
-
-# --- Reading -------------------------------------------------------------------------------------------
-
-_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    z = z + _M1
-    z = (z ^ (z >> np.uint64(30))) * _M2
-    z = (z ^ (z >> np.uint64(27))) * _M3
-    return z ^ (z >> np.uint64(31))
-
-
-def draw_keys(seed: int, key: int, indices: np.ndarray) -> np.ndarray:
-    """64-bit hashes (n,) uint64 of (seed, key, index): the per-sample randomness of `LatentDataset`."""
-    with np.errstate(over="ignore"):
-        a = _splitmix(np.full(1, seed % 2**64, dtype=np.uint64))
-        b = _splitmix(a ^ np.uint64(key % 2**64))
-        return _splitmix(b ^ indices.astype(np.uint64))
-
-
-class KeyedIndices(list):
-    """A list of dataset indices that carries the randomness key (`epoch`) of the batch.
-
-    A batch sampler that yields these makes `LatentDataset` draw with that key instead of its own
-    `.epoch`, which is how the training loader stays exact across resumes and process counts.
-    """
-
-    def __init__(self, indices: Iterable[int], epoch: int):
-        super().__init__(indices)
-        self.epoch = epoch
-
-
-class LatentDataset(Dataset):
-    """Latents of a directory written by `extract_latents`, memory-mapped.
-
-    `dataset[i]` -> (x (c, h, w) float32, label int). x is the stored posterior of row i for one of its two
-    flips, sampled (mean + std * eps) when `sample_posterior`, else the mean. The flip (when `flip`) and
-    eps are drawn from a 64-bit hash of (seed, epoch, i), so they repeat exactly for the same epoch,
-    independently of workers, batch composition and number of processes; change the epoch with
-    `set_epoch` (like DistributedSampler), or let the batch sampler pass it (`KeyedIndices`).
-
-    `__getitems__` reads a whole batch with one fancy index per shard, which a DataLoader uses
-    automatically (batch_sampler or batch_size); `read(indices)` returns the batch already stacked, and
-    `LatentBatches` serves such stacked batches to a DataLoader without the per-sample collate (faster).
-    The shards open lazily in each process, so the dataset pickles small and works with num_workers > 0.
-    `.labels` (N,) int64, `.classes`, `.num_classes`, `.latent_shape` (c, h, w), `.manifest`.
-    """
-
-    def __init__(self, root: str | Path, sample_posterior: bool = True, flip: bool = True, seed: int = 0):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        self.sample_posterior, self.flip, self.seed = sample_posterior, flip, seed
-        self.epoch = 0
-        self.classes: list[str] = self.manifest["classes"]
-        self.num_classes = len(self.classes)
-        self.latent_shape = tuple(self.manifest["latent_shape"])
-        self._shards = [self.root / s["name"] for s in self.manifest["shards"]]
-        rows = [s["rows"] for s in self.manifest["shards"]]
-        self._offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        labels = [np.load(d / "labels.npy") for d in self._shards]
-        self.labels = torch.from_numpy(np.concatenate(labels) if labels else np.empty(0, np.int64))
-        if len(self.labels) != self._offsets[-1]:
-            raise LatentStoreError(f"{self.root}: the shards hold {len(self.labels)} rows, the manifest says "
-                                   f"{self._offsets[-1]}")
-        self._moments: list[np.ndarray] | None = None
-        self._gen: torch.Generator | None = None
-        self._scratch: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The randomness key for reads that do not bring their own (`KeyedIndices`)."""
-        self.epoch = epoch
-
-    def _open(self) -> list[np.ndarray]:
-        if self._moments is None:
-            self._moments = [np.load(d / "moments.npy", mmap_mode="r") for d in self._shards]
-        return self._moments
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _moments=None, _gen=None, _scratch=None)
-
-    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None,
-             shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: x (n, c, h, w) float32, y (n,) int64 for dataset indices (n,) under randomness key `epoch`.
-
-        `shared` puts x in shared memory, so a DataLoader worker hands it over without a copy."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n_all = len(self)
-        if len(idx) and (idx.min() < 0 or idx.max() >= n_all):
-            raise IndexError(f"LatentDataset index out of range [0, {n_all}): {idx[(idx < 0) | (idx >= n_all)][:5]}")
-        key = self.epoch if epoch is None else epoch
-        draws = draw_keys(self.seed, key, idx)
-        flips = (draws >> np.uint64(63)).astype(np.int64) if self.flip else np.zeros(len(idx), np.int64)
-        shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        row = idx - self._offsets[shard]
-        moments = self._open()
-        first = np.unique(shard)
-        if len(first) == 1:
-            picked = moments[first[0]][row, flips]  # (n, 2, c, h, w): mean and std of the drawn flip
-        else:
-            picked = np.empty((len(idx), 2, *self.latent_shape), dtype=moments[0].dtype)
-            for s in first:
-                sel = shard == s
-                picked[sel] = moments[s][row[sel], flips[sel]]
-        t = torch.from_numpy(np.ascontiguousarray(picked))
-        x = _empty((len(idx), *self.latent_shape), shared)
-        if not (self.sample_posterior and len(idx)):
-            return x.copy_(t[:, 0]), self.labels[torch.from_numpy(idx)]
-        if self._gen is None:
-            self._gen = torch.Generator()
-        with np.errstate(over="ignore"):
-            seeds = _splitmix(draws).tolist()  # a second hash: the noise seed is independent of the flip bit
-        gen, shape = self._gen, self.latent_shape
-        for seed, eps in zip(seeds, x.unbind(0)):  # eps written in place, then x = mean + std * eps
-            gen.manual_seed(seed)
-            torch.randn(shape, generator=gen, out=eps)
-        if self._scratch is None or self._scratch.shape != t.shape:  # reused: no fresh pages per batch
-            self._scratch = torch.empty(t.shape, dtype=torch.float32)
-        moments = self._scratch.copy_(t)
-        torch.addcmul(moments[:, 0], moments[:, 1], x, out=x)  # elementwise, so in place is safe
-        return x, self.labels[torch.from_numpy(idx)]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self.read([i])
-        return x[0], int(y[0])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        x, y = self.read(indices, getattr(indices, "epoch", None))
-        return list(zip(x.unbind(0), y.tolist()))
-
-    def __repr__(self) -> str:
-        return (f"LatentDataset(root={str(self.root)!r}, n={len(self)}, latent_shape={self.latent_shape}, "
-                f"classes={self.num_classes}, sample_posterior={self.sample_posterior}, flip={self.flip})")
-
-
-class LatentBatches(Dataset):
-    """A `LatentDataset` whose items are whole batches: `batches[indices]` -> `dataset.read(indices, epoch)`,
-    x (n, c, h, w) float32 and y (n,) int64, with `epoch` taken from `KeyedIndices` when it carries one.
-
-    Use it with `DataLoader(LatentBatches(ds), batch_size=None, sampler=<yields index lists>)`. The batch
-    is built once by `read` and handed over as is: no split into n samples and no re-stack by the collate
-    function (mean-only reads about 1.4x faster, bench/latents.py). `len` counts samples, not batches.
-    """
-
-    def __init__(self, dataset: LatentDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        in_worker = get_worker_info() is not None
-        return self.dataset.read(indices, getattr(indices, "epoch", None), shared=in_worker)
-
-
-def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """An uninitialised float32 CPU tensor; with `shared`, in shared memory from the start. A worker's
-    result that is not shared gets copied into shared memory when it is sent; torch's own default_collate
-    allocates its batches in the same way (on 2 cores the saving is within the noise: bench/latents.py)."""
-    if not shared:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.float32.itemsize)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-
-
-# --- A stand-in VAE for smoke tests, docs and benchmarks (no network) -----------------------------------
-
-
-def save_standin_vae(path: str | Path, block_out_channels: Sequence[int] = (8, 8, 8, 8), latent_channels: int = 4,
-                     layers_per_block: int = 1, norm_num_groups: int = 4, seed: int = 0) -> Path:
-    """A random-init diffusers AutoencoderKL saved with `save_pretrained` (downsample 2^(blocks - 1)).
-
-    The default is tiny (8 channels, downsample 8, scaling factor 0.18215 like SD-VAE); SD-VAE's own
-    architecture is block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32.
-    """
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    blocks = len(block_out_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(block_out_channels),
-                        layers_per_block=layers_per_block, latent_channels=latent_channels,
-                        norm_num_groups=norm_num_groups, sample_size=256, scaling_factor=0.18215)
-    vae.save_pretrained(path)
-    return Path(path)

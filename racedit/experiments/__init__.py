@@ -1,0 +1,1 @@
+"""Experiments that orchestrate training and evaluation: the ablation runner."""

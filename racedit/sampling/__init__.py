@@ -1,0 +1,23 @@
+"""Sampling: images and grids from a checkpoint (`generate`), the resumable npz job for FID (`npz_job`), and
+recalibration of the inference threshold for the weights being sampled (`calibration`)."""
+
+from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
+from racedit.sampling.generate import (
+    LoadedCheckpoint,
+    grid_for_classes,
+    load_for_sampling,
+    sample_config_with,
+    sample_images,
+    sample_indexed,
+    sample_labels,
+    sample_seed,
+    save_grid,
+    to_uint8_nhwc,
+)
+from racedit.sampling.npz_job import SamplingError, sampling_metadata, write_samples_npz
+
+__all__ = [
+    "ThresholdCalibration", "calibrate_thresholds", "LoadedCheckpoint", "grid_for_classes", "load_for_sampling",
+    "sample_config_with", "sample_images", "sample_indexed", "sample_labels", "sample_seed", "save_grid",
+    "to_uint8_nhwc", "SamplingError", "sampling_metadata", "write_samples_npz",
+]

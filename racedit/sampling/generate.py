@@ -1,0 +1,175 @@
+"""Sampling images from a checkpoint: loading it for sampling, batches of images, grids, and per-sample
+seeded generation (the library behind `racedit sample` and the training loop's grids).
+
+Images are (B, C, H, W) in [-1, 1] in data space (after the codec's decode). The ADM evaluator's format
+is uint8 NHWC, converted as clamp(127.5 x + 128, 0, 255) (DiT's DDP sampler convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from racedit.checkpoint import load_model
+from racedit.config import Config, SampleConfig
+from racedit.data.codec import Codec
+from racedit.data.factory import build_codec, training_batches
+from racedit.diffusion.objectives import Objective, create_objective
+from racedit.diffusion.samplers import generate
+from racedit.models import DiT
+from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready to sample (eval mode), with what sampling it needs."""
+
+    model: DiT
+    objective: Objective
+    codec: Codec
+    config: Config
+    path: Path
+    weights: str  # "ema" or "model"
+    threshold_calibration: ThresholdCalibration | None = None  # set when tau was recalibrated after loading
+
+
+def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                      vae: str | None = None, calibrate_threshold: int = 0, calibration_batch: int | None = None,
+                      calibration_seed: int = 0, progress: bool = False) -> LoadedCheckpoint:
+    """Load a checkpoint (EMA weights by default) into an eval-mode model.
+
+    `calibrate_threshold` > 0 recalibrates the inference threshold tau of the loaded weights on that many
+    training batches of `calibration_batch` (default: the config's train.global_batch) from the data the
+    config names (`racedit.sampling.calibration`); the EMA weights otherwise sample with the tau that
+    tracked the live weights. Raises `CheckpointError` with a readable message for a missing path or a
+    checkpoint that does not fit the model its config describes, and ValueError for a calibration
+    request on a model without threshold routing.
+    """
+    which = "ema" if use_ema else "model"
+    model, cfg, ckpt = load_model(path, which)
+    model.to(device)
+    objective = create_objective(cfg.diffusion, model.learn_sigma)
+    calibration = None
+    if calibrate_threshold:
+        batch = calibration_batch or cfg.train.global_batch
+        data = training_batches(cfg, batch, calibration_seed, device)
+        calibration = calibrate_thresholds(model, objective, data, calibrate_threshold,
+                                           model.config.class_dropout_prob, seed=calibration_seed, progress=progress)
+    # `vae` (hub id or local dir) overrides the VAE named in the config or the latent manifest.
+    return LoadedCheckpoint(model, objective, build_codec(cfg, vae=vae).to(device), cfg, ckpt, which, calibration)
+
+
+@torch.no_grad()
+def sample_images(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, sample_cfg: SampleConfig,
+                  seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Images (N, C, H, W) in data space for labels (N,); the noise of sample i depends only on (seed, i)
+    and the batch it is in, so the same call gives the same images."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        noise = torch.randn((len(y), *_sample_shape(model)), generator=g)
+        step_noise = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # DDPM's per-step noise
+        out.append(_generate_decoded(model, objective, codec, y, noise, step_noise, sample_cfg, progress))
+    return torch.cat(out)
+
+
+def _sample_shape(model: DiT) -> tuple[int, int, int]:
+    return model.in_channels, model.input_size, model.input_size
+
+
+def _generate_decoded(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, noise: torch.Tensor,
+                      generator, sample_cfg: SampleConfig, progress: bool = False) -> torch.Tensor:
+    """The sampling core: eval mode, `generate` from `noise` (B, C, H, W), decode; images (B, ...) on the CPU.
+    `generator` (one, or one per sample) drives any sampler step noise."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        z = generate(model, objective, labels.to(device), sampler=sample_cfg.sampler, steps=sample_cfg.steps,
+                     cfg_scale=sample_cfg.cfg_scale, guidance_channels=sample_cfg.guidance_channels,
+                     shape=_sample_shape(model), noise=noise.to(device), generator=generator, progress=progress)
+        return codec.decode(z).float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3) via clamp(127.5 x + 128, 0, 255); grey is repeated to RGB."""
+    x = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write images (N, C, H, W) in [-1, 1] as one PNG grid, `nrow` images per row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
+    return path
+
+
+def sample_labels(num_samples: int | None, num_classes: int, seed: int = 0, per_class: int | None = None) -> torch.Tensor:
+    """Labels (N,) int64 for an FID batch, the same on every process.
+
+    Uniform: drawn uniformly at random with a generator seeded by `seed` (DiT's convention). `per_class=K`:
+    exactly K of each class (N = K * num_classes) in a seeded random order; the order matters because the
+    Inception Score is computed over consecutive splits, which must each see all classes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if per_class is not None:
+        if per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {per_class}")
+        n = per_class * num_classes
+        if num_samples is not None and num_samples != n:
+            raise ValueError(f"{per_class} per class x {num_classes} classes = {n} samples, not {num_samples}; "
+                             f"give one of --num-samples / --per-class, or matching values")
+        return torch.arange(num_classes).repeat_interleave(per_class)[torch.randperm(n, generator=g)]
+    if num_samples is None or num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return torch.randint(0, num_classes, (num_samples,), generator=g)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample `index`'s generator: a function of (seed, index) only."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+@torch.no_grad()
+def sample_indexed(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, indices: torch.Tensor,
+                   sample_cfg: SampleConfig, seed: int = 0) -> torch.Tensor:
+    """Images (B, C, H, W) in data space for labels (B,) and global sample indices (B,).
+
+    All randomness of sample i (its initial noise and any sampler step noise) comes from its own CPU
+    generator seeded by `sample_seed(seed, i)`, so sample i does not depend on the batch it lands in, the
+    number of processes, resuming, or the device the noise is moved to.
+    """
+    gens = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+    noise = torch.stack([torch.randn(_sample_shape(model), generator=g) for g in gens])
+    return _generate_decoded(model, objective, codec, labels, noise, gens, sample_cfg)
+
+
+def grid_for_classes(loaded: LoadedCheckpoint, classes: list[int], per_class: int, sample_cfg: SampleConfig,
+                     seed: int = 0) -> torch.Tensor:
+    """Images (len(classes) * per_class, C, H, W), one row per class."""
+    bad = [c for c in classes if not 0 <= c < loaded.model.num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad} are outside [0, {loaded.model.num_classes - 1}] for this checkpoint")
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    return sample_images(loaded.model, loaded.objective, loaded.codec, labels, sample_cfg, seed=seed,
+                         batch_size=max(1, min(len(labels), 256)))
+
+
+def sample_config_with(base: SampleConfig, **overrides) -> SampleConfig:
+    """`base` with the non-None overrides applied (CLI flags over the checkpoint's defaults)."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+

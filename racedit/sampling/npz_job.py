@@ -1,0 +1,248 @@
+"""A resumable, multi-process sampling job that writes an ADM-format npz for FID (uint8 NHWC `arr_0`, labels and
+a JSON `metadata` entry): batches are saved under `<out>.parts/` as they finish and assembled at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from racedit.config import SampleConfig
+from racedit.fileio import atomic_path, atomic_write_text
+from racedit.models.moe import threshold_layers
+from racedit.npz import write_image_npz
+from racedit.sampling.generate import LoadedCheckpoint, sample_indexed, sample_labels, to_uint8_nhwc
+
+SAMPLES_FORMAT = "racedit-samples/1"
+UINT8_CONVERSION = "uint8 = clamp(127.5 x + 128, 0, 255), NHWC, grey repeated to RGB"
+NOISE_CONVENTION = "sample i: its own CPU torch.Generator seeded with numpy SeedSequence([seed, i]) (initial and step noise)"
+
+
+class SamplingError(RuntimeError):
+    """A sampling job that cannot continue as asked (e.g. its partial results belong to other settings)."""
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _batch_file(parts: Path, b: int) -> Path:
+    return parts / f"batch_{b:07d}.npz"
+
+
+def _weights_fingerprint(loaded: LoadedCheckpoint) -> dict:
+    """Size and SHA-256 of the first and last 4 MiB of the sampled weights file (cheap, catches a changed file)."""
+    f = loaded.path / f"{loaded.weights}.safetensors"
+    if not f.exists():
+        return {"file": str(f), "missing": True}
+    size = f.stat().st_size
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        h.update(fh.read(1 << 22))
+        fh.seek(max(0, size - (1 << 22)))
+        h.update(fh.read(1 << 22))
+    return {"file": f.name, "size": size, "sha256_head_tail": h.hexdigest()}
+
+
+def _save_batch(parts: Path, b: int, images: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
+    with atomic_path(_batch_file(parts, b)) as tmp, open(tmp, "wb") as f:  # a batch file is absent or complete
+        np.savez(f, images=images, indices=indices, labels=labels)
+
+
+def _assemble(parts: Path, out: Path, num_batches: int, labels: torch.Tensor, batch_size: int, meta: dict) -> None:
+    """Stream the batch files, in order, into `out` (ADM npz: arr_0, labels, metadata); atomic rename. A batch
+    file that is unreadable or holds other samples is removed, so the next run regenerates it."""
+    n = len(labels)
+    with np.load(_batch_file(parts, 0)) as z:
+        image_shape = z["images"].shape[1:]
+
+    def batches():
+        for b in range(num_batches):
+            path = _batch_file(parts, b)
+            lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+            try:
+                with np.load(path) as z:
+                    images, indices, lab = z["images"], z["indices"], z["labels"]
+            except Exception as e:
+                path.unlink(missing_ok=True)
+                raise SamplingError(f"batch file {path} was unreadable ({type(e).__name__}: {e}) and has "
+                                    f"been removed; run the same command again to regenerate it") from e
+            if (images.dtype != np.uint8 or images.shape != (hi - lo, *image_shape)
+                    or not np.array_equal(indices, np.arange(lo, hi))
+                    or not np.array_equal(lab, labels[lo:hi].numpy())):
+                path.unlink(missing_ok=True)
+                raise SamplingError(f"batch file {path} does not hold samples {lo}..{hi - 1} as expected and "
+                                    f"has been removed; run the same command again to regenerate it")
+            yield images
+
+    write_image_npz(out, batches(), image_shape, labels.numpy(), meta)
+
+
+def _complete_file_matches(out: Path, meta: dict, labels: torch.Tensor, loaded: LoadedCheckpoint) -> bool:
+    try:
+        with np.load(out, allow_pickle=False) as z:
+            saved = json.loads(str(z["metadata"]))
+            if not np.array_equal(z["labels"], labels.numpy()):
+                return False
+        _adopt_saved_thresholds(loaded, meta, saved)
+        return saved == json.loads(json.dumps(meta))
+    except Exception:
+        return False
+
+
+def _adopt_saved_thresholds(loaded: LoadedCheckpoint, meta: dict, saved_meta: dict | None) -> bool:
+    """When `saved_meta` records the same job as `meta` (every setting equal, the recalibrated taus aside), take
+    the job's taus into the model and `meta` and return True. Every batch of a job then uses the same taus,
+    across processes and resumes, even where GPU kernels change a recalibration's last bits; a job with any
+    other setting (checkpoint, weights, sampler, calibration, ...) never lends its taus."""
+    cal, saved = loaded.threshold_calibration, (saved_meta or {}).get("threshold")
+    mine = meta.get("threshold")
+    if cal is None or not isinstance(saved, dict) or not isinstance(mine, dict):
+        return False
+
+    def without_taus(m: dict) -> dict:
+        m = json.loads(json.dumps(m))
+        m["threshold"]["tau"] = sorted(m["threshold"].get("tau", {}))  # the layers, not their values
+        return m
+
+    if without_taus(saved_meta) != without_taus(meta):
+        return False
+    taus = {int(i): float(v) for i, v in saved["tau"].items()}
+    for layer in threshold_layers(loaded.model):
+        layer.tau.fill_(taus[layer.layer_index])
+    cal.tau_after = taus
+    meta["threshold"] = cal.metadata()
+    return True
+
+
+def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: str | Path, sample_cfg: SampleConfig,
+                      seed: int = 0, batch_size: int = 64, labels: torch.Tensor | None = None, *,
+                      per_class: int | None = None, max_batches: int | None = None,
+                      progress: bool = True) -> Path | None:
+    """Sample an FID batch and write it as an ADM-format npz: `arr_0` uint8 (N, H, W, 3), `labels` (N,) int64,
+    and `metadata` (a JSON string: checkpoint, EMA, sampler, steps, CFG, guidance channels, per-device batch,
+    routing at inference, seed, labels, ...).
+
+    Distributed: under `accelerate launch` each process samples the batches b = rank, rank + W, ... of
+    `batch_size` samples (b covers samples b*batch_size .. ), so no index is duplicated or missing. Every batch
+    is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes; a re-run of the same job (same settings,
+    checked against `<out>.parts/job.json`) skips finished batches. When all are there, the main process
+    streams them into `out` (atomic rename) and removes the parts. Sample i depends only on (seed, i) and the
+    per-device batch (see `sample_indexed`), so the file does not depend on the number of processes or on
+    resuming. The parts directory must be on a filesystem all processes share.
+
+    labels: given explicitly, else `sample_labels(num_samples, classes, seed, per_class)`.
+    max_batches: stop after this many new batches on each process (time-limited jobs); returns None then,
+    leaving the parts for the next run. Returns `out` when the file is complete.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    model = loaded.model
+    if labels is None:
+        labels = sample_labels(num_samples, model.num_classes, seed, per_class)
+        label_mode = "uniform" if per_class is None else f"{per_class} per class, shuffled"
+    else:
+        labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+        if num_samples is not None and num_samples != len(labels):
+            raise ValueError(f"num_samples {num_samples} but {len(labels)} labels given")
+        label_mode = "given"
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < model.num_classes):
+        raise ValueError(f"labels must be in [0, {model.num_classes - 1}]")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(labels)
+    num_batches = -(-n // batch_size)
+    out = Path(out)
+    parts = _parts_dir(out)
+    meta = sampling_metadata(loaded, sample_cfg, format=SAMPLES_FORMAT, num_samples=n, seed=seed,
+                             per_device_batch=batch_size, labels=label_mode, noise=NOISE_CONVENTION,
+                             conversion=UINT8_CONVERSION)
+    say = print if (progress and is_main) else (lambda *a, **k: None)
+
+    if out.exists() and not parts.exists() and _complete_file_matches(out, meta, labels, loaded):
+        say(f"{out} already holds these {n} samples; nothing to do")
+        return out
+    def job_of(meta: dict) -> dict:
+        return json.loads(json.dumps({"metadata": meta, "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                                      "weights_fingerprint": _weights_fingerprint(loaded)}, sort_keys=True))
+
+    job = job_of(meta)
+    if is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        job_file = parts / "job.json"
+        if not job_file.exists():
+            atomic_write_text(job_file, json.dumps(job, indent=1, sort_keys=True))
+        if out.exists():
+            say(f"note: {out} exists with other samples; it will be replaced when this job completes")
+    state.wait_for_everyone()
+    found = json.loads((parts / "job.json").read_text())
+    if _adopt_saved_thresholds(loaded, meta, found.get("metadata")):
+        job = job_of(meta)
+    if found != job:
+        keys = sorted({k for k in {**found.get("metadata", {}), **meta}
+                       if found.get("metadata", {}).get(k) != job["metadata"].get(k)})
+        other = [k for k in ("labels_sha256", "weights_fingerprint") if found.get(k) != job[k]]
+        raise SamplingError(f"{parts} holds partial results of a different sampling job (differs in: "
+                            f"{', '.join(keys + other)}). Re-run with the same settings to continue it, or delete "
+                            f"{parts} (or choose another --out) to start a new one")
+
+    done = {b for b in range(num_batches) if _batch_file(parts, b).exists()}
+    todo = [b for b in range(rank, num_batches, world) if b not in done]
+    pending = sum(min(batch_size, n - b * batch_size) for b in range(num_batches) if b not in done)
+    if done:
+        say(f"resuming: {len(done)} of {num_batches} batches already in {parts}")
+    bar = tqdm(total=pending, desc=f"sample x{world} proc" if world > 1 else "sample", unit="img",
+               disable=not (progress and is_main), smoothing=0.1)
+    t0, made = time.perf_counter(), 0
+    for j, b in enumerate(todo):
+        if max_batches is not None and j >= max_batches:
+            break
+        idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
+        images = sample_indexed(model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
+        _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
+        made += len(idx)
+        bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
+    bar.close()
+    seconds = time.perf_counter() - t0
+    state.wait_for_everyone()
+    missing = [b for b in range(num_batches) if not _batch_file(parts, b).exists()]
+    if made:
+        say(f"sampled {made} images on the main process in {seconds:.1f}s "
+            f"({made / max(seconds, 1e-9):.2f} img/s per process, {world} process{'es' if world > 1 else ''})")
+    if missing:
+        say(f"{num_batches - len(missing)} of {num_batches} batches are in {parts}; run the same command again "
+            f"to continue")
+        return None
+    if is_main:
+        _assemble(parts, out, num_batches, labels, batch_size, meta)
+        shutil.rmtree(parts, ignore_errors=True)
+        say(f"wrote {n} samples to {out}")
+    state.wait_for_everyone()
+    return out
+
+
+def sampling_metadata(loaded: LoadedCheckpoint, sample_cfg: SampleConfig, **extra) -> dict:
+    """How samples were made: checkpoint, weights, sampler, steps, guidance, routing at inference."""
+    m = loaded.model.config
+    step = re.fullmatch(r"step_(\d+)", loaded.path.name)
+    return {"checkpoint": str(loaded.path), "step": int(step.group(1)) if step else None, "weights": loaded.weights,
+            "model": m.name, "objective": loaded.config.diffusion.objective, "sampler": sample_cfg.sampler,
+            "steps": sample_cfg.steps, "cfg_scale": sample_cfg.cfg_scale,
+            "guidance_channels": sample_cfg.guidance_channels or "all",
+            "cfg_batching": "cond and uncond halves in one forward" if sample_cfg.cfg_scale != 1.0 else "no uncond pass",
+            "inference_routing": m.inference_routing if m.moe_experts else "dense",
+            "threshold": (loaded.threshold_calibration.metadata() if loaded.threshold_calibration is not None
+                          else "from training" if threshold_layers(loaded.model) else "none"),
+            "codec": type(loaded.codec).__name__, "vae": getattr(loaded.codec, "vae_id", None),
+            "dtype": str(next(loaded.model.parameters()).dtype), **extra}
+
