@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from racedit.presets import resolve_preset
@@ -151,7 +151,12 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
     compile: bool = False  # torch.compile the model
     seed: int = 0  # global seed (data order, noise, init)
-    log_every: int = 50  # steps between metric rows (metrics.csv, TensorBoard)
+    log_every: int = 50  # steps between metric rows (metrics.csv and the train.log_with trackers)
+    # experiment trackers fed through accelerate besides metrics.csv: one of accelerate's tracker names
+    # (tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, ...), several as a list or
+    # comma-separated, or none (or empty) for metrics.csv only. TensorBoard writes to <out_dir>/tensorboard/;
+    # the others take the run directory's name as their project name
+    log_with: Any = "tensorboard"
     # steps between routing diagnostics (racedit.models.routing_stats: MaxVio, combination usage, experts per
     # token per timestep bin, zero-expert tokens, block output norms), logged in that step's metrics row;
     # 0 = with every metrics row (train.log_every), -1 = off
@@ -252,6 +257,7 @@ def validate(cfg: DictConfig | Config) -> None:
         value = OmegaConf.select(cfg, path) if isinstance(cfg, DictConfig) else _get(cfg, path)
         if value not in allowed:
             raise ConfigError(f"bad value for '{path}': {value!r}. Allowed: {list(allowed)}")
+    log_with_names(cfg.train.log_with)
     model = cfg.model
     try:
         resolve_preset(model.name)
@@ -277,6 +283,28 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.data.kind == "latents" and not cfg.data.latents and not cfg.data.vae:
         raise ConfigError("'data.latents' must name the latent directory when data.kind=latents "
                           "(a checkpoint used only for sampling may name its VAE in 'data.vae' instead)")
+
+
+def log_with_names(value: Any) -> list[str]:
+    """The tracker names in `train.log_with` (a name, comma-separated names or a list; none or empty: []),
+    each checked against accelerate's tracker registry."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # late import: read the registry only when needed
+
+    # "all" is left out on purpose: it would pick whatever trackers happen to be installed
+    accepted = sorted(LOGGER_TYPE_TO_CLASS)
+    if value is None or isinstance(value, str):
+        items = (value or "").split(",")
+    elif isinstance(value, (list, tuple, ListConfig)):
+        items = [str(v) for v in value]
+    else:
+        raise ConfigError(f"bad value for 'train.log_with': {value!r}. Allowed: a tracker name, a list of them "
+                          f"or none; trackers: {accepted}")
+    names = list(dict.fromkeys(n.strip() for n in items if n.strip() and n.strip() != "none"))
+    for name in names:
+        if name not in accepted:
+            raise ConfigError(f"bad value for 'train.log_with': {name!r}. Allowed: {accepted + ['none']} "
+                              "(one, a list or comma-separated)")
+    return names
 
 
 def _validate_memory(model: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from racedit.models import count_params, create_model, resolve_model_config
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
 from racedit.sampling import sample_images, save_grid
-from racedit.training.metrics import MetricsLogger
+from racedit.training.metrics import MetricsLogger, flat_config, trackers
 from racedit.training.objective_step import training_losses
 
 # (cfg, EMA model, objective, device) -> {metric: value}; see `train`
@@ -155,8 +155,18 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     # per-layer regularization is off), which DDP must be told about.
     moe = bool(resolve_model_config(cfg.model).moe_experts)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              step_scheduler_with_optimizer=False,
+                              step_scheduler_with_optimizer=False, log_with=trackers(tc.log_with, tc.out_dir),
+                              project_dir=tc.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)])
+    try:
+        return _train(accelerator, cfg, resume, stop_after, evaluate)
+    finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
+        accelerator.end_training()
+
+
+def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, stop_after: int | None,
+           evaluate: EndOfRunEvaluation | None) -> TrainResult:
+    tc = cfg.train
     device, is_main = accelerator.device, accelerator.is_main_process
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -214,7 +224,9 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                                 accelerator.process_index, tc.grad_accum, model.config.class_dropout_prob,
                                 model.num_classes)
 
-    logger = MetricsLogger(out_dir, resume_step=start_step if ckpt else None) if is_main else None
+    resolved = flat_config(asdict(replace(cfg, model=resolve_model_config(cfg.model))))  # preset values filled in
+    logger = MetricsLogger(out_dir, resume_step=start_step if ckpt else None, accelerator=accelerator,
+                           config=resolved) if is_main else None
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -327,8 +339,6 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                 summary.update(evaluate(cfg, ema.module, objective, device))
                 logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
     seconds = time.perf_counter() - t0
-    if logger is not None:
-        logger.close()
     return TrainResult(out_dir=out_dir, step=step, last_loss=last_loss, checkpoint=last_good,
                        skipped_steps=skipped_total, seconds=seconds, metrics=summary)
 
