@@ -213,7 +213,7 @@ def test_progress_bar_counts_the_model_evaluations(capfd, sampler, steps, calls)
     model = GaussianOracle(objective.name, torch.zeros(3, 2, 1, 1), std=1.0)
     y = torch.zeros(2, dtype=torch.long)
     generate(model, objective, y, sampler=sampler, steps=steps, cfg_scale=2.0, shape=(2, 1, 1), progress=True)
-    assert len(model.seen_times) == calls
+    assert len(model.seen_times) == calls and all(len(t) == 2 * len(y) for t in model.seen_times)
     bars = re.findall(rf"sampling \({sampler}\):[^\r\n]*?(\d+)/(\d+)", capfd.readouterr().err)
     assert bars and bars[-1] == (str(calls), str(calls))
     generate(model, objective, y, sampler=sampler, steps=steps, shape=(2, 1, 1))
