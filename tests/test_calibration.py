@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from racedit.checkpoint import save_checkpoint
 from racedit.cli import sample_main
+from racedit.data import DigitsDataset
 from racedit.data.factory import training_batches
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.models import create_model
@@ -134,8 +136,30 @@ def test_calibration_refuses_models_without_a_threshold_and_short_data():
 
 
 def test_training_batches_read_the_configs_data(tiny_config):
-    x0, y = next(training_batches(tiny_config(), 5, seed=0, device="cpu"))
-    assert x0.shape == (5, 1, 8, 8) and y.shape == (5,) and x0.min() >= -1 and x0.max() <= 1
+    """The batches are rows of the digits the config names, read here from scikit-learn directly (pixels
+    0..16 mapped to [-1, 1], with their labels): one epoch of them plus the configured hold-out split is
+    exactly the whole data set, each row once; the next epoch reshuffles the same rows; the seed sets the order."""
+    from sklearn.datasets import load_digits  # slow to import: only here
+
+    def rows(x0, y):
+        return Counter(zip((img.numpy().tobytes() for img in x0), y.tolist()))
+
+    raw = load_digits()
+    everything = rows(torch.from_numpy(raw.images).float().unsqueeze(1) / 8.0 - 1.0, torch.from_numpy(raw.target))
+    hold = DigitsDataset("holdout", holdout_fraction=0.25)
+    cfg = tiny_config("data.holdout_fraction=0.25")
+    train_rows = len(raw.target) - round(0.25 * len(raw.target))  # 1348 = 4 batches of 337
+    batches = training_batches(cfg, train_rows // 4, seed=0, device="cpu")
+    epoch, second = Counter(), Counter()
+    for i in range(8):
+        x0, y = next(batches)
+        assert x0.shape == (train_rows // 4, 1, 8, 8) and x0.dtype == torch.float32
+        (epoch if i < 4 else second).update(rows(x0, y))
+    assert epoch + rows(hold.images, hold.labels) == everything
+    assert second == epoch
+    first = next(training_batches(cfg, train_rows // 4, seed=0, device="cpu"))[0]
+    other = next(training_batches(cfg, train_rows // 4, seed=1, device="cpu"))[0]
+    assert not torch.equal(first, other)
 
 
 @pytest.fixture

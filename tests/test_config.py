@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from racedit.config import Config, ConfigError, from_yaml_text, load_config, to_yaml
+from racedit.config import ConfigError, from_yaml_text, load_config, to_yaml
+from racedit.models import resolve_model_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -20,12 +23,48 @@ def error_of(*overrides: str, path: str | Path | None = None) -> str:
     return message
 
 
-def test_demo_yaml_loads_with_its_values():
-    cfg = load_config(DEMO)
-    assert isinstance(cfg, Config)
-    assert (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes) == (8, 1, 10)
-    assert cfg.data.kind == "digits"
-    assert cfg.train.lr == 1.0e-3
+# What a preset name means, written out from the papers: size -> (depth, width, heads) from DiT's Table 1
+# (S, B, L, XL) and Race-DiT's M; "/p" is the patch side and "-kinE" k active of E experts per token.
+PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# Every config file under configs/; the ablation grids (a `base` config plus variants) are not configs.
+CONFIG_FILES = sorted(p for p in DEMO.parent.rglob("*.yaml") if "base" not in yaml.safe_load(p.read_text()))
+
+
+def test_config_files_are_found():
+    names = {p.relative_to(DEMO.parent).as_posix() for p in CONFIG_FILES}
+    assert {"demo.yaml", "ablations/base/digits.yaml", "imagenet256/dit-xl2.yaml"} <= names
+    assert not any(n.startswith("ablations/") and "/" not in n[len("ablations/"):] for n in names)  # grids
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(DEMO.parent).as_posix())
+def test_every_config_file_means_what_it_says_and_round_trips(path):
+    """Each config file loads; every value it sets arrives (read here with plain YAML); the model fields
+    it leaves out take what its preset name means in the papers; the data matches the model's input; and
+    the saved form (written beside each checkpoint) reads back to the same config."""
+    written = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    for section, values in written.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            assert got == pytest.approx(value) if isinstance(value, float) else got == value, (section, key)
+
+    family, size, patch, k, experts = re.fullmatch(r"(DiT|RaceDiT)-(S|B|M|L|XL)/(\d)(?:-(\d+)in(\d+))?",
+                                                   cfg.model.name).groups()
+    meaning = dict(zip(("depth", "hidden_size", "num_heads"), PAPER_SIZES[size]), patch_size=int(patch),
+                   moe_k=int(k or 0), moe_experts=int(experts or 0))
+    model = resolve_model_config(cfg.model)
+    for key, value in meaning.items():
+        assert getattr(model, key) == written["model"].get(key, value), key
+    assert (family == "RaceDiT") == (model.moe_experts > 0)
+
+    if cfg.data.kind == "latents":  # ImageNet 256x256 through SD-VAE: 32x32x4 latents, 1000 classes
+        assert path.parent.name == "imagenet256"
+        assert (model.input_size, model.in_channels, model.num_classes) == (256 // 8, 4, 1000)
+    else:  # the 8x8 grey digits, 10 classes
+        assert cfg.data.kind == "digits"
+        assert (model.input_size, model.in_channels, model.num_classes) == (cfg.data.image_size, 1, 10)
+
+    assert from_yaml_text(to_yaml(cfg)) == cfg
 
 
 def test_overrides_apply_with_their_types():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from racedit.data import Codec, DigitsDataset, IdentityCodec, digits_split_indices
+from racedit.data import DigitsDataset, digits_split_indices
 from racedit.data.digits import load_digits_arrays
+from racedit.data.factory import build_codec, build_training_data
 from racedit.evaluation import digits as ev
 from racedit.evaluation.digits import (
     MIN_HOLDOUT_ACCURACY,
@@ -90,17 +91,28 @@ def test_resize(size):
 # ---- codec -----------------------------------------------------------------------------------------------
 
 
-def test_identity_codec_round_trip():
-    codec = IdentityCodec(channels=1)
-    assert isinstance(codec, Codec) and codec.channels == 1 and codec.downsample == 1
-    x = DigitsDataset("holdout").images[:7]
-    z = codec.encode(x)
-    assert z.shape == x.shape and torch.equal(codec.decode(z), x)
-    assert codec.model_size(8) == 8 and codec.to("cpu") is codec
+def test_the_digits_codec_keeps_the_raw_pixels(tiny_config):
+    """A digits run works in pixel space: what the configured codec hands the model is scikit-learn's raw
+    0..16 intensities mapped linearly to [-1, 1] (0 -> -1, 16 -> 1; read here from sklearn directly), decoding
+    gives them back, and the model side the codec derives from the data side is the configured model's."""
+    from sklearn.datasets import load_digits
+
+    cfg = tiny_config()
+    codec = build_codec(cfg)
+    assert codec.channels == cfg.model.in_channels
+    assert codec.model_size(cfg.data.image_size) == cfg.model.input_size
+    data = build_training_data(cfg)
+    rows = torch.tensor([0, 1, 2, 500, len(data.labels) - 1])
+    z = codec.encode(data.read(rows))
+    raw = load_digits()
+    train = DigitsDataset("train", holdout_fraction=cfg.data.holdout_fraction)
+    source = train.indices[rows].numpy()
+    expected = torch.from_numpy(raw.images[source]).float().unsqueeze(1) / 8.0 - 1.0
+    assert torch.equal(z, expected)
+    assert torch.equal(data.labels[rows], torch.from_numpy(raw.target[source]))
+    assert torch.equal(codec.decode(z), expected)
     with pytest.raises(ValueError):
         codec.encode(torch.zeros(2, 3, 8, 8))  # wrong channel count
-    with pytest.raises(TypeError):
-        Codec()  # abstract
 
 
 # ---- classifier ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ References used (none produced by running this code):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from racedit.config import ConfigError
 from racedit.models import count_macs, count_params, create_model
-from racedit.models.dit import DiTBlock, FeedForward, LabelEmbedder
+from racedit.models.dit import DiTBlock, LabelEmbedder
+from racedit.models.records import ForwardRecord
 
 # DiT table (anchors-and-eval.md 1.1): name -> (depth, width, heads, params in M, forward GMACs at 256px).
 DIT_TABLE = {
@@ -179,25 +182,62 @@ def test_block_with_nonzero_modulation_is_not_the_identity():
     assert model(torch.randn(2, 4, 8, 8), torch.ones(2), torch.zeros(2, dtype=torch.long)).abs().max() > 1e-3
 
 
-def test_block_feedforward_slot_accepts_any_module():
-    block = DiTBlock(16, 2, FeedForward(16, 32))
-    torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
-    h, c = torch.randn(2, 5, 16), torch.randn(2, 16)
-    ref = block(h, c)
-    # The slot is called as mlp(u, record); a wrapper around the same MLP gives the same result.
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner):
+def test_block_feedforward_slot_output_enters_the_residual_through_the_mlp_gate():
+    """A custom module in the feed-forward slot is called once, on u = LN(h1) * (1 + scale_mlp) + shift_mlp,
+    with the block's record, and the block returns h1 + gate_mlp * mlp(u), where h1 = h + gate_msa *
+    attn(LN(h) * (1 + scale_msa) + shift_msa) and the six modulation vectors come from adaLN(c) in DiT's
+    order. Compared with the block written out by hand in float64 (LayerNorm, softmax attention)."""
+    D, heads, B, T = 16, 2, 2, 5
+    g = torch.Generator().manual_seed(0)
+
+    class Probe(torch.nn.Module):
+        """mlp(u) = tanh(u W) + 0.5: not the identity, not zero, and nothing the block could produce itself."""
+
+        def __init__(self):
             super().__init__()
-            self.inner = inner
+            self.register_buffer("w", torch.randn(D, D, generator=g, dtype=torch.float64))
+            self.calls = []
 
         def forward(self, u, record=None):
-            return self.inner(u)
+            self.calls.append((u.detach().clone(), record))
+            return torch.tanh(u @ self.w) + 0.5
 
         def macs(self, num_tokens):
-            return self.inner.macs(num_tokens)
+            return num_tokens * D * D
 
-    block.mlp = Wrapped(block.mlp)
-    assert torch.equal(block(h, c), ref)
+    probe = Probe()
+    block = DiTBlock(D, heads, probe).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    c = torch.randn(B, D, generator=g, dtype=torch.float64)
+    record = ForwardRecord()
+    out = block(h, c, record)
+
+    def layer_norm(x):  # no affine, eps 1e-6
+        mean = x.mean(-1, keepdim=True)
+        return (x - mean) / ((x - mean).pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+
+    lin = block.adaLN_modulation[-1]
+    mod = torch.nn.functional.silu(c) @ lin.weight.T + lin.bias
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i * D:(i + 1) * D, None].transpose(1, 2)
+                                                                      for i in range(6))
+    a = layer_norm(h) * (1 + scale_msa) + shift_msa
+    qkv = a @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    hd = D // heads
+    attn = torch.zeros_like(h)
+    for b in range(B):
+        for i in range(heads):
+            q, k, v = (qkv[b, :, j * D + i * hd: j * D + (i + 1) * hd] for j in range(3))
+            attn[b, :, i * hd:(i + 1) * hd] = torch.softmax(q @ k.T / math.sqrt(hd), dim=-1) @ v
+    h1 = h + gate_msa * (attn @ block.attn.proj.weight.T + block.attn.proj.bias)
+    u = layer_norm(h1) * (1 + scale_mlp) + shift_mlp
+    expected = h1 + gate_mlp * (torch.tanh(u @ probe.w) + 0.5)
+
+    assert len(probe.calls) == 1 and probe.calls[0][1] is record
+    torch.testing.assert_close(probe.calls[0][0], u, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
 # --- position embedding, patches, labels -------------------------------------------------------------------

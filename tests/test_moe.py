@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import racedit.models.moe as moe
 from racedit.models.dit import FeedForward
@@ -212,7 +213,49 @@ def test_threshold_updates_once_per_batch_under_activation_checkpointing():
     assert checkpointed.tau.item() == plain.tau.item()
 
 
-def test_macs_match_the_dense_mlp_plus_router():
-    D, E, k, T = 32, 8, 2, 10
-    layer = MoEFeedForward(D, E, k)
-    assert layer.macs(T) == T * (8 * D * D + D * D + D * E)
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """torch's addmm count (2 m k n) for the in-place addmm_ of the fused expert loop, which torch's flop
+    registry does not list."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def counted_flops(layer, u) -> int:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter, \
+            torch.no_grad():
+        layer(u)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("strategy", ["expert_race", "token_choice", "expert_choice", "le_choice"])
+def test_macs_equal_torch_flop_counter_on_a_training_forward(strategy):
+    """Training selects exactly N*k (token, expert) pairs in every strategy, so the flops torch counts on a
+    real forward are the router (trunk D^2 + gating head D*E per token) plus N*k expert MLPs of width 4D/k."""
+    B, L, D, E, k = 2, 8, 16, 8, 2
+    torch.manual_seed(0)
+    layer = MoEFeedForward(D, E, k, routing=strategy, target_dim=4).train()
+    flops = counted_flops(layer, torch.randn(B, L, D))
+    N = B * L
+    assert flops == 2 * (N * (D * D + D * E) + N * k * 2 * D * (4 * D // k))
+    assert flops == 2 * layer.macs(N)
+
+
+def test_flop_counter_follows_the_threshold_selection_and_macs_is_its_mean_k_value():
+    """In eval mode the threshold picks however many pairs score >= tau; the counter sees exactly those
+    experts run (the count here from scores computed by hand from the router weights), and `macs` equals it
+    when the pairs average k per token."""
+    B, L, D, E, k = 2, 8, 16, 8, 2
+    torch.manual_seed(1)
+    layer = MoEFeedForward(D, E, k).eval()
+    u = torch.randn(B, L, D)
+    trunk, head = layer.router.trunk[0], layer.router.gate_head
+    with torch.no_grad():  # identity gating: the scores are the gating head's logits
+        scores = torch.nn.functional.gelu(u @ trunk.weight.T + trunk.bias, approximate="tanh") @ head.weight.T + head.bias
+    N, hidden = B * L, 4 * D // k
+    ranked = scores.flatten().sort(descending=True).values
+    for pairs in (N * k, 5, N * E - 3):
+        layer.tau.fill_(float(ranked[pairs - 1] + ranked[pairs]) / 2)  # midway: float rounding cannot move it
+        layer.threshold_initialized.fill_(True)
+        assert int((scores >= layer.tau).sum()) == pairs
+        flops = counted_flops(layer, u)
+        assert flops == 2 * (N * (D * D + D * E) + pairs * 2 * D * hidden), pairs
+        assert (flops == 2 * layer.macs(N)) == (pairs == N * k)

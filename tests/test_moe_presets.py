@@ -80,10 +80,49 @@ def test_moe_macs_at_mean_k(size, gmacs):
     assert count_macs(_meta(f"RaceDiT-{size}/2-4in32")) / 1e9 == pytest.approx(gmacs, abs=0.01)
 
 
-def test_activated_counts_k_of_e_experts():
-    model = create_model("RaceDiT-S/2-2in8", input_size=8, in_channels=1, num_classes=10, depth=2,
-                         hidden_size=32, num_heads=2)
-    c = count_params(model)
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    heads = sum(p.numel() for n, p in model.named_parameters() if "target_head" in n)
-    assert c["activated"] == c["total"] - heads - experts + experts * 2 // 8
+def test_activated_is_what_one_token_touches_on_average_by_brute_force():
+    """Brute force over a real training forward, by where the gradient of the output reaches: every tensor
+    outside the expert banks that the output depends on at all (dense: every token runs through it), plus,
+    averaged over the output tokens, the experts each token's own output gradient reaches. One block, so a
+    token's output reads no other token's experts (attention comes before the MoE); Expert Race in training
+    gives exactly k experts per token on average, but some tokens get none and others more than k."""
+    torch.manual_seed(0)
+    model = create_model("RaceDiT-S/2-2in8", input_size=8, in_channels=1, num_classes=10, depth=1,
+                         hidden_size=32, num_heads=2, learn_sigma=False).train()
+    model.pos_embed.requires_grad_(True)  # frozen, but every token reads it: let the gradient show that
+    with torch.no_grad():  # open the zero-initialised gates and final layer so that gradients reach everything
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.tensor([3, 7])
+    out = model(x, t, y)
+    names, params = zip(*model.named_parameters())
+    is_bank = [".experts." in n for n in names]
+    reached = torch.autograd.grad(out.sum(), params, retain_graph=True, allow_unused=True)
+    dense = sum(p.numel() for p, grad, bank in zip(params, reached, is_bank)
+                if not bank and grad is not None and grad.any())
+    experts = 8
+    expert_sizes = sum(p[0].numel() for p, bank in zip(params, is_bank) if bank)
+    per_token = []
+    for b in range(2):
+        for r in range(4):
+            for c in range(4):
+                grads = torch.autograd.grad(out[b, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].sum(), params,
+                                            retain_graph=True, allow_unused=True)
+                used = [{e for e in range(experts) if grad[e].any()} for grad, bank in zip(grads, is_bank) if bank]
+                assert all(u == used[0] for u in used)  # w1, b1, w2, b2 of the same experts
+                per_token.append(len(used[0]))
+    assert len(set(per_token)) > 1  # the race gives tokens different numbers of experts...
+    assert sum(per_token) % len(per_token) == 0
+    activated = dense + sum(per_token) // len(per_token) * expert_sizes  # ...k on average
+    assert count_params(model)["activated"] == activated
+
+
+def test_activated_of_race_dit_b2_is_dit_b2_plus_router_and_k_expert_biases():
+    """RaceDiT-B/2-kinE against DiT-B/2's exact parameter count (130,512,416; the DiT paper's 130.5M): per
+    block the dense MLP (8D^2 + 5D) becomes k experts of width 4D/k (8D^2 + 4D + kD) plus the router trunk
+    (D^2 + D) and gating head (DE + E); the router's target head serves only a loss and is not activated."""
+    depth, d = 12, 768
+    for k, e in ((1, 4), (2, 8), (4, 32), (8, 128)):
+        counts = count_params(_meta(f"RaceDiT-B/2-{k}in{e}"))
+        assert counts["activated"] == 130_512_416 + depth * (d * d + d + d * e + e + (k - 1) * d), (k, e)

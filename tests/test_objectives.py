@@ -1,5 +1,6 @@
 """Objectives: noising and targets against closed forms, the VLB helpers against torch.distributions,
-the hybrid loss against an independent float64 computation, and that both objectives train."""
+the hybrid loss against an independent float64 computation, and each loss's minimiser for Gaussian data
+against its closed form (a wrong target sign or scale moves it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from racedit.config import DiffusionConfig
@@ -99,13 +99,31 @@ def test_flow_time_distributions():
     assert abs(logits.mean().item() - 0.5) < 0.02 and abs(logits.std().item() - 0.7) < 0.02
 
 
-def test_create_objective_from_config():
-    ddpm = create_objective(DiffusionConfig(objective="ddpm", num_timesteps=500, beta_start=2e-4, beta_end=0.04), True)
-    assert isinstance(ddpm, DDPMObjective) and ddpm.learn_sigma and ddpm.num_timesteps == 500
-    betas, _ = reference_alphas_cumprod(500, 2e-4, 0.04)
-    torch.testing.assert_close(ddpm.betas, betas)
-    flow = create_objective(DiffusionConfig(objective="flow", flow_t_sampling="logit_normal", flow_logit_std=2.0), False)
-    assert isinstance(flow, FlowObjective) and flow.t_sampling == "logit_normal" and flow.logit_std == 2.0
+def test_create_objective_from_config_builds_the_configured_process():
+    cfg = DiffusionConfig(objective="ddpm", num_timesteps=500, beta_start=2e-4, beta_end=0.04)
+    ddpm = create_objective(cfg, True)
+    betas, abar = reference_alphas_cumprod(500, 2e-4, 0.04)  # float64 product loop
+    torch.testing.assert_close(ddpm.betas, betas, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ddpm.alphas_cumprod, abar, rtol=1e-12, atol=0)
+    x0, noise = torch.randn(3, 2, 2, 2, generator=gen(0)), torch.randn(3, 2, 2, 2, generator=gen(1))
+    t = torch.tensor([0, 250, 499])
+    s = ddpm.sample(x0, t=t, noise=noise)
+    a = abar[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(s.x_t.double(), a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double(), rtol=0, atol=2e-6)
+    assert torch.equal(s.target, noise)
+    drawn = ddpm.sample_t(20_000, torch.device("cpu"), gen(2))
+    assert drawn.min() == 0 and drawn.max() == 499  # the configured T, not the default 1000
+    assert "vlb" in ddpm.loss(torch.zeros(3, 4, 2, 2), s)  # learn_sigma=True: the hybrid loss on 2C channels
+
+    cfg = DiffusionConfig(objective="flow", flow_t_sampling="logit_normal", flow_logit_mean=0.5, flow_logit_std=2.0)
+    flow = create_objective(cfg, False)
+    logits = torch.logit(flow.sample_t(50_000, torch.device("cpu"), gen(3)).double())
+    assert abs(logits.mean().item() - 0.5) < 0.04 and abs(logits.std().item() - 2.0) < 0.04
+    s = flow.sample(x0, t=torch.tensor([0.0, 0.25, 1.0]), noise=noise)
+    torch.testing.assert_close(s.x_t, torch.stack([x0[0], 0.75 * x0[1] + 0.25 * noise[1], noise[2]]))
+    torch.testing.assert_close(s.target, noise - x0)
+    with pytest.raises(ValueError, match="channels"):  # learn_sigma=False: C output channels
+        flow.loss(torch.zeros(3, 4, 2, 2), s)
     with pytest.raises(ValueError, match="ddpm"):
         create_objective(DiffusionConfig(objective="edm"), False)
 
@@ -274,65 +292,101 @@ def test_flow_loss_uses_first_channels_only():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training on a toy distribution
+# the minimiser of each loss, for Gaussian data, against its closed form
 # ---------------------------------------------------------------------------------------------------------
+#
+# Data x0 ~ N(M, S^2) (1-D, as (B, 1, 1, 1) images). For x_t = a x0 + b eps (a, b fixed by t) every target
+# below is linear in (x0, eps), so E[target | x_t] = alpha x_t + beta with
+#   alpha = Cov(target, x_t) / Var(x_t),  beta = E[target] - alpha E[x_t],
+# and the minimum of the expected squared error is Var(target) - Cov(target, x_t)^2 / Var(x_t).
+# ddpm (a = sqrt(abar), b = sqrt(1 - abar), target eps): alpha = b / (a^2 S^2 + b^2), beta = -alpha a M,
+#   minimum a^2 S^2 / (a^2 S^2 + b^2).
+# flow (a = 1 - t, b = t, target eps - x0): alpha = (t - (1 - t) S^2) / ((1 - t)^2 S^2 + t^2),
+#   beta = -M - alpha (1 - t) M, minimum 1 + S^2 - (t - (1 - t) S^2)^2 / ((1 - t)^2 S^2 + t^2).
+# The "batch" is a product grid of normal quantiles, standardised, so its first and second moments (all
+# these formulas use) are exactly the distribution's: the fitted minimiser is the closed form up to float32.
+
+M, S = 0.7, 0.5
 
 
-class TinyConditionalMLP(nn.Module):
-    """Per-pixel MLP conditioned on model time t (sinusoidal) and label y; the DiT call signature."""
-
-    def __init__(self, in_channels: int = 2, num_classes: int = 3, learn_sigma: bool = False, hidden: int = 64):
-        super().__init__()
-        self.in_channels, self.num_classes, self.learn_sigma = in_channels, num_classes, learn_sigma
-        self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(16) / 16))
-        self.time = nn.Linear(32, hidden)
-        self.label = nn.Embedding(num_classes + 1, hidden)
-        self.inp = nn.Linear(in_channels, hidden)
-        out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_channels))
-
-    def forward(self, x, t, y, record=None):
-        angles = t.float()[:, None] * self.freqs[None]
-        cond = self.time(torch.cat([angles.sin(), angles.cos()], dim=1)) + self.label(y)  # (B, hidden)
-        h = self.inp(x.permute(0, 2, 3, 1)) + cond[:, None, None, :]
-        return self.net(h).permute(0, 3, 1, 2)
+def gaussian_grid(n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 = M + S z_i and eps = z_j over all n^2 pairs (i, j) of n standardised normal quantiles z."""
+    z = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    z = (z - z.mean()) / z.std(unbiased=False)
+    x0 = (M + S * z).repeat_interleave(n)
+    return x0.float().reshape(-1, 1, 1, 1), z.repeat(n).float().reshape(-1, 1, 1, 1)
 
 
-def toy_batch(batch: int, g: torch.Generator):
-    """2-D Gaussian mixture, one component per class, as (B, 2, 1, 1) images."""
-    y = torch.randint(0, 3, (batch,), generator=g)
-    angle = y.float() * (2 * math.pi / 3)
-    centers = torch.stack([angle.cos(), angle.sin()], dim=1)
-    x0 = centers + 0.1 * torch.randn(batch, 2, generator=g)
-    return x0[:, :, None, None], y
+def fit_linear_prediction(objective, s, v: float = 0.0) -> tuple[float, float, float]:
+    """(alpha, beta, loss) minimising the objective's own training loss of the prediction alpha x_t + beta
+    (plus a constant variance channel v when the objective learns sigma), by L-BFGS."""
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], lr=1, max_iter=100, tolerance_grad=1e-8, tolerance_change=0, history_size=10)
 
-
-def train_losses(objective, model, steps: int = 200, seed: int = 0) -> list[float]:
-    torch.manual_seed(seed)
-    g = gen(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        x0, y = toy_batch(256, g)
-        s = objective.sample(x0, g)
-        terms = objective.loss(model(s.x_t, objective.model_time(s.t), y), s)
+    def closure():
         opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        losses.append(terms["loss"].item())
-    return losses
+        pred = params[0] * s.x_t.double() + params[1]
+        if objective.learn_sigma:
+            pred = torch.cat([pred, torch.full_like(pred, v)], dim=1)
+        loss = objective.loss(pred, s)["loss"]
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    alpha, beta = params.detach().tolist()
+    return alpha, beta, closure().item()
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_ddpm_trains_on_toy_mixture(learn_sigma):
-    torch.manual_seed(0)
-    losses = train_losses(DDPMObjective(learn_sigma=learn_sigma), TinyConditionalMLP(learn_sigma=learn_sigma))
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.75 * first, (first, last)
+def test_ddpm_loss_is_minimised_by_the_posterior_mean_of_the_noise(learn_sigma):
+    objective = DDPMObjective(T, learn_sigma=learn_sigma)
+    _, abar = reference_alphas_cumprod()
+    x0, noise = gaussian_grid()
+    for step in (1, 100, 500, 999):
+        s = objective.sample(x0, t=torch.full((len(x0),), step), noise=noise)
+        a, b = abar[step].sqrt().item(), (1 - abar[step]).sqrt().item()
+        alpha = b / (a * a * S * S + b * b)
+        fit_alpha, fit_beta, _ = fit_linear_prediction(objective, s)
+        assert fit_alpha == pytest.approx(alpha, rel=1e-4, abs=1e-6), step
+        assert fit_beta == pytest.approx(-alpha * a * M, rel=1e-4, abs=1e-6), step
+        mse = objective.loss(torch.cat([fit_alpha * s.x_t + fit_beta] * (2 if learn_sigma else 1), dim=1), s)["mse"]
+        assert mse.item() == pytest.approx(a * a * S * S / (a * a * S * S + b * b), rel=1e-4), step
 
 
-def test_flow_trains_on_toy_mixture():
-    torch.manual_seed(0)
-    losses = train_losses(FlowObjective("logit_normal"), TinyConditionalMLP())
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.75 * first, (first, last)
+def test_ddpm_hybrid_loss_is_minimised_by_the_variance_of_the_reverse_step():
+    """With the exact mean, E[KL(q(x_{t-1} | x_t, x0) || N(mu, sigma^2))] over the data is least at
+    sigma^2 = beta_tilde_t + c0^2 Var(x0 | x_t), c0 = sqrt(abar_{t-1}) beta_t / (1 - abar_t) the posterior
+    mean's x0 coefficient and Var(x0 | x_t) = S^2 b^2 / (a^2 S^2 + b^2); learned_range reaches it at
+    v = 2 (log sigma^2 - log beta_tilde) / (log beta - log beta_tilde) - 1. The expected KL is convex in v,
+    so a loss gradient negative just below and positive just above v brackets the minimiser."""
+    objective = DDPMObjective(T, learn_sigma=True)
+    betas, abar = reference_alphas_cumprod()
+    x0, noise = gaussian_grid()
+    for step in (50, 100, 300):
+        s = objective.sample(x0, t=torch.full((len(x0),), step), noise=noise)
+        a2, b2, beta = abar[step].item(), 1 - abar[step].item(), betas[step].item()
+        beta_tilde = beta * (1 - abar[step - 1].item()) / b2
+        c0 = math.sqrt(abar[step - 1].item()) * beta / b2
+        sigma2 = beta_tilde + c0 ** 2 * S * S * b2 / (a2 * S * S + b2)
+        v = 2 * (math.log(sigma2) - math.log(beta_tilde)) / (math.log(beta) - math.log(beta_tilde)) - 1
+        assert -0.9 < v < 0.9  # inside the learned range, away from both ends
+        alpha = math.sqrt(b2) / (a2 * S * S + b2)
+        eps = alpha * s.x_t - alpha * math.sqrt(a2) * M
+        slopes = []
+        for trial in (v - 0.05, v + 0.05):
+            value = torch.tensor(trial, requires_grad=True)
+            objective.loss(torch.cat([eps, value.expand_as(eps)], dim=1), s)["loss"].backward()
+            slopes.append(value.grad.item())
+        assert slopes[0] < 0 < slopes[1], (step, v, slopes)
+
+
+def test_flow_loss_is_minimised_by_the_conditional_velocity():
+    objective = FlowObjective()
+    x0, noise = gaussian_grid()
+    for t in (0.05, 0.3, 0.5, 0.8, 1.0):
+        s = objective.sample(x0, t=torch.full((len(x0),), t), noise=noise)
+        var_xt, cov = (1 - t) ** 2 * S * S + t * t, t - (1 - t) * S * S
+        fit_alpha, fit_beta, loss = fit_linear_prediction(objective, s)
+        assert fit_alpha == pytest.approx(cov / var_xt, rel=1e-4, abs=1e-6), t
+        assert fit_beta == pytest.approx(-M - cov / var_xt * (1 - t) * M, rel=1e-4, abs=1e-6), t
+        assert loss == pytest.approx(1 + S * S - cov * cov / var_xt, rel=1e-4), t

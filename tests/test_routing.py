@@ -205,5 +205,25 @@ def test_threshold_buffer_stays_float32_under_dtype_casts():
     assert "tau" in state and "threshold_initialized" in state
 
 
-def test_batch_coupled_list():
-    assert set(BATCH_COUPLED) == set(STRATEGIES) - {"token_choice"}
+def test_batch_coupled_list_is_the_strategies_whose_selection_depends_on_other_tokens():
+    """Brute force: a strategy is batch-coupled iff the experts chosen for one token change when only the
+    *other* tokens' scores change. Token (0, 0) keeps fixed, distinct scores; every other (token, expert)
+    score is set far above, then far below them. In every grouping other than one group per token, the
+    token's group holds enough other candidates (another image's, another position's) to take all its slots
+    when they all score higher, and none when they all score lower."""
+    B, L, E, k = 2, 4, 4, 2
+    own = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    depends = {}
+    for strategy in STRATEGIES:
+        chosen = []
+        for others in (10.0, -10.0):
+            scores = torch.full((B, L, E), others)
+            scores[0, 0] = own
+            chosen.append(select(scores, strategy, k)[0, 0])
+        depends[strategy] = not torch.equal(chosen[0], chosen[1])
+        if strategy == "token_choice":  # its own top-k, whatever the rest of the batch: experts 1 and 2
+            assert chosen[0].tolist() == chosen[1].tolist() == [False, True, True, False]
+        else:  # all slots to the others, then all the token's experts
+            assert chosen[0].tolist() == [False] * E and chosen[1].tolist() == [True] * E, strategy
+    assert set(BATCH_COUPLED) == {s for s, d in depends.items() if d}
+    assert set(BATCH_COUPLED) < set(STRATEGIES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from racedit.checkpoint import save_checkpoint
 from racedit.diffusion.objectives import DDPMObjective
@@ -48,6 +49,10 @@ def test_routing_report_writes_every_figure_as_a_valid_png(tiny_checkpoint, tmp_
     for name in FIGURES.values():
         assert f"]({name})" in summary
     assert "| block | tau |" in summary and "RaceDiT-S/2-2in8" in summary and "step 3" in summary
+    # the tau column is the checkpoint's stored threshold of each block (model and EMA states are equal here)
+    stored = load_file(tiny_checkpoint / "ema.safetensors")
+    for block in range(2):
+        assert f"\n| {block} | {stored[f'blocks.{block}.mlp.tau'].item():.3f} |" in summary, block
 
 
 def test_report_statistics_shapes_and_dense_models_are_refused():

@@ -4,6 +4,8 @@ single scheduler steps are compared with the closed-form respaced posterior / DD
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -201,8 +203,18 @@ def test_shape_and_channel_checks_and_determinism():
         generate(model, FlowObjective(learn_sigma=True), y, sampler="euler", steps=5, shape=(2, 1, 1))
 
 
-def test_progress_bar(capfd):
-    model = GaussianOracle("flow", torch.zeros(2, 2, 1, 1), std=1.0)
-    generate(model, FlowObjective(), torch.zeros(1, dtype=torch.long), sampler="heun", steps=3, shape=(2, 1, 1),
-             progress=True)
-    assert "sampling (heun)" in capfd.readouterr().err
+@pytest.mark.parametrize("sampler,steps,calls", [("heun", 3, 5), ("euler", 4, 4), ("ddpm", 4, 4), ("ddim", 3, 3),
+                                                  ("dpm_solver", 5, 5)])
+def test_progress_bar_counts_the_model_evaluations(capfd, sampler, steps, calls):
+    """The bar runs to the number of model evaluations the sampler makes, counted at the model: one per step,
+    except Heun's second-order steps, two each but the last, a plain Euler step to sigma 0 (Karras et al. 2022,
+    Algorithm 1): 2N - 1. Guidance batches the conditional and unconditional halves into one call."""
+    objective = objective_for(sampler)
+    model = GaussianOracle(objective.name, torch.zeros(3, 2, 1, 1), std=1.0)
+    y = torch.zeros(2, dtype=torch.long)
+    generate(model, objective, y, sampler=sampler, steps=steps, cfg_scale=2.0, shape=(2, 1, 1), progress=True)
+    assert len(model.seen_times) == calls and all(len(t) == 2 * len(y) for t in model.seen_times)
+    bars = re.findall(rf"sampling \({sampler}\):[^\r\n]*?(\d+)/(\d+)", capfd.readouterr().err)
+    assert bars and bars[-1] == (str(calls), str(calls))
+    generate(model, objective, y, sampler=sampler, steps=steps, shape=(2, 1, 1))
+    assert capfd.readouterr().err == ""  # no bar unless asked for
