@@ -698,7 +698,8 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     if D < 2 * (m - 1):
         raise ConversionError(f"the router needs 2 (E/k - 1) = {2 * (m - 1)} trunk units for its bins; D={D}")
     dev, dt = moe.experts.w1.device, moe.experts.w1.dtype
-    s0 = _nominal_gate(moe.gating, k)
+    gating = moe.router.gating
+    s0 = _nominal_gate(gating, k)
     experts = moe.experts
     for c in range(k):
         rows = slice(c * h, (c + 1) * h)
@@ -718,9 +719,9 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     router = moe.router
     trunk, head = router.trunk[0], router.gate_head
     head.weight.zero_()
-    head.bias.fill_(_nominal_logit(moe.gating))
+    head.bias.fill_(_nominal_logit(gating))
     if m > 1:
-        a, eps = BIN_RAMP_MARGIN[moe.gating]
+        a, eps = BIN_RAMP_MARGIN[gating]
         w = torch.randn(D, generator=generator, dtype=torch.float64)
         w = (w / w.norm()).to(trunk.weight.dtype)
         thetas = [NormalDist().inv_cdf(i / m) for i in range(1, m)]
@@ -739,7 +740,7 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
                 if j <= m - 2:  # above bin j: f > theta_{j+1}, measured by unit 2 j
                     head.weight[e, 2 * j] = -eps / a
     # eval threshold: every selected pair scores ~s0; for softmax the others score < s0 / 2
-    moe.tau.fill_(s0 / 2 if moe.gating == "softmax" and m > 1 else s0)
+    moe.tau.fill_(s0 / 2 if gating == "softmax" and m > 1 else s0)
     moe.threshold_initialized.fill_(True)
 
 

@@ -87,7 +87,7 @@ def test_calibrated_tau_is_the_mean_batch_kth_score_of_the_given_weights():
         expected = np.mean(reference[layer.layer_index])
         assert float(layer.tau) == pytest.approx(expected, rel=1e-5)
         assert cal.tau_before[layer.layer_index] == 3.0 and bool(layer.threshold_initialized)
-        assert layer.race_scope == "local"
+        assert layer.router.race_scope == "local"
     assert len(set(map(tuple, reference.values()))) == 2  # the layers really differ
     assert not model.training  # left in the mode it was in, with the weights untouched
     for k, v in model.state_dict().items():

@@ -57,7 +57,7 @@ def test_global_race_equals_single_process_on_concatenated_batch(tmp_path):
 
     u, ties = make_batch()
     single = make_layer()
-    single.race_scope = "local"
+    single.router.race_scope = "local"
     for step in range(2):
         record = ForwardRecord()
         y = single(u, record)
