@@ -817,7 +817,7 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
     """How far the upcycled model is from the dense one on (x, t, y): {"relative": ||a - b|| / ||b||,
     "max_abs": max |a - b|} of the whole outputs, and "max_layer_relative": the worst per-layer gap of the
     MoE layers on the dense model's own MLP inputs. train_mode=True routes with the training rule (the
-    batch race; the thresholds are not changed), else with the eval rule (the threshold)."""
+    batch race, local to this process; no forward moves the thresholds), else with the eval rule (the threshold)."""
     inputs: dict[int, torch.Tensor] = {}
     hooks = [b.mlp.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0]))
              for i, b in enumerate(dense.blocks)]
@@ -826,10 +826,10 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
     finally:
         for hook in hooks:
             hook.remove()
-    from racedit.models.moe import thresholds_kept
+    from racedit.models.moe import local_selection
 
     layer = 0.0
-    with thresholds_kept(moe_model):
+    with local_selection(moe_model):
         moe_model.train(train_mode)
         out = moe_model(x, t, y, label_dropout=False)
         for i, (dense_block, block) in enumerate(zip(dense.blocks, moe_model.blocks)):

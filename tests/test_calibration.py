@@ -14,7 +14,7 @@ from racedit.cli import sample_main
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.evaluation.routing import experts_per_token
 from racedit.models import create_model
-from racedit.models.moe import threshold_layers
+from racedit.models.moe import threshold_layers, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.training.calibration import calibrate_thresholds, training_batches
 from racedit.training.checkpoint import save_checkpoint
@@ -104,8 +104,10 @@ def test_calibration_brings_the_realised_experts_per_token_back_to_k():
     objective = DDPMObjective(1000)
     live = race_model(seed=0).train()
     for x0, y in random_batches(20, 16, seed=2):  # tau tracks the live weights' K-th score
+        record = ForwardRecord()
         live(objective.add_noise(x0, torch.randint(0, 1000, (16,)), torch.randn_like(x0)),
-             torch.randint(0, 1000, (16,)).float(), y)
+             torch.randint(0, 1000, (16,)).float(), y, record=record)
+        update_thresholds(live, [record.kth_scores()])
     ema = race_model(seed=0)
     ema.load_state_dict(live.state_dict())
     with torch.no_grad():  # weights that score differently, sharing the live tau (the EMA situation)
@@ -141,7 +143,9 @@ def test_training_batches_read_the_configs_data(tiny_config):
 def race_checkpoint(tiny_config, tmp_path):
     cfg = tiny_config("model.name=RaceDiT-S/2-2in8", out_dir=tmp_path / "run")
     model = race_model()
-    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8))  # sets tau
+    record = ForwardRecord()
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8), record=record)
+    update_thresholds(model, [record.kth_scores()])  # sets tau
     state = model.state_dict()
     return save_checkpoint(tmp_path / "run" / "checkpoints", 3, model_state=state, ema_state=state,
                            train_state={"step": 3}, config=cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -241,13 +241,6 @@ def dispatch_reference(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor
     return out
 
 
-def _recomputing_in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a forward;
-    the threshold must see each training batch once, not twice."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() >= 0
-
-
 class Router(nn.Module):
     """Which experts each token uses, and with what weight, under one of the six grouped top-K strategies.
 
@@ -338,10 +331,12 @@ class Router(nn.Module):
 class MoEFeedForward(nn.Module):
     """MoE replacement of the DiT MLP: (B, L, D) -> (B, L, D): router, then dispatch to the experts and combine.
 
-    Training: exact grouped top-K on S (the `Router`); for the batch-coupled strategies the buffer `tau`
-    tracks the EMA of the batch's K-th largest score. Eval: `S >= tau` when inference_routing="threshold"
-    (batch-independent), else the training rule on the eval batch. race_scope="global" makes the training
-    selection span the batch of all ranks of the default process group; eval selection is always local.
+    Training: exact grouped top-K on S (the `Router`). For the batch-coupled strategies the buffer `tau`
+    is the inference threshold, an EMA of the training batches' K-th largest score. The forward only records
+    that score (`MoELayerRecord.kth_score`); the training step applies it after the backward
+    (`update_thresholds`), so no forward moves tau: not a recomputed one under activation checkpointing,
+    nor calibration's or a probe's training-mode forwards. Eval: `S >= tau` when inference_routing="threshold"
+    (batch-independent), else the training rule on the eval batch. Eval selection is always local.
     """
 
     def __init__(self, dim: int, num_experts: int, k: int, mlp_ratio: float = 4.0, routing: str = "expert_race",
@@ -406,11 +401,11 @@ class MoEFeedForward(nn.Module):
     def forward(self, u: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
         """u (B, L, D), the adaLN-modulated LayerNorm output -> (B, L, D); fills record.moe[layer_index].
 
+        The record is written by assignment: a forward recomputed under activation checkpointing replaces
+        its entry, so each training forward is counted once.
         """
         B, L, D = u.shape
         routing = self.router(u, self.inference_threshold())
-        if routing.kth_score is not None and not _recomputing_in_backward():
-            self.update_threshold(routing.kth_score)
         y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts)
         if record is not None:
             record.moe[self.layer_index] = routing
@@ -431,21 +426,29 @@ def threshold_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.uses_threshold]
 
 
+def update_thresholds(model: nn.Module, kth_scores: Iterable[Mapping[int, torch.Tensor]]) -> None:
+    """Apply training forwards' recorded K-th scores to the inference thresholds of `model`'s MoE layers.
+
+    kth_scores: one mapping per forward, in the order the forwards ran (`ForwardRecord.kth_scores()`: layer
+    index -> K-th largest score ()); each is one EMA step of that layer's tau. The training loop calls this
+    once per optimizer step with the step's micro-batches, skipped (non-finite) steps included.
+    """
+    layers = {m.layer_index: m for m in model.modules() if isinstance(m, MoEFeedForward)}
+    for forward in kth_scores:
+        for index, kth in forward.items():
+            layers[index].update_threshold(kth)
+
+
 @contextlib.contextmanager
-def thresholds_kept(model: nn.Module) -> Iterator[None]:
-    """Inside, `model` may run training-mode forwards (the batch top-K, local to this process: no collective
-    even under race_scope="global") without moving its inference thresholds; on exit every MoE layer's tau,
-    its initialised flag and its router's race_scope, and the model's train/eval mode, are what they were."""
-    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    saved = [(m, m.router.race_scope, m.tau.clone(), m.threshold_initialized.clone()) for m in layers]
-    was_training = model.training
+def local_selection(model: nn.Module) -> Iterator[None]:
+    """Inside, training-mode forwards of `model` select within this process's batch: no collective runs even
+    under race_scope="global" (calibration and upcycling probes, whose batch plays the global batch)."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    scopes = [r.race_scope for r in routers]
     try:
-        for m in layers:
-            m.router.race_scope = "local"
+        for r in routers:
+            r.race_scope = "local"
         yield
     finally:
-        model.train(was_training)
-        for m, scope, tau, initialized in saved:
-            m.router.race_scope = scope
-            m.tau.copy_(tau)
-            m.threshold_initialized.copy_(initialized)
+        for r, scope in zip(routers, scopes):
+            r.race_scope = scope

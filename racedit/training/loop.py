@@ -23,6 +23,7 @@ from racedit.data.factory import build_codec, build_training_data
 from racedit.diffusion.objectives import create_objective
 from racedit.evaluation.routing import diagnostics_due, routing_diagnostics, timestep_fraction
 from racedit.models import count_params, create_model, resolve_model_config
+from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.training.batches import ResumableBatchOrder
 from racedit.training.checkpoint import (
@@ -235,6 +236,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     step = start_step
     while step < end_step:
         terms_acc: dict[str, float] = {}
+        kth_scores = []  # per micro-batch: MoE layer -> the batch's K-th largest score
         diagnose = is_main and diagnostics_due(step + 1, tc.diagnostics_every, tc.log_every, end_step)
         for accum_index in range(tc.grad_accum):
             x0, y = next(loader)
@@ -243,6 +245,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                 record = ForwardRecord(diagnostics=diagnose and accum_index == tc.grad_accum - 1)
                 terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
                 accelerator.backward(terms["loss"])
+                kth_scores.append(record.kth_scores())  # read after any recomputation in the backward
                 for k, v in terms.items():  # kept on the device: no host sync per term
                     terms_acc[k] = terms_acc.get(k, 0.0) + v.detach().double() / tc.grad_accum
                 if accelerator.sync_gradients:
@@ -265,6 +268,9 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                     optimizer.zero_grad(set_to_none=True)
         # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
         diag = routing_diagnostics(record, timestep_fraction(objective, draws.t)) if diagnose else {}
+        # the inference thresholds' EMA: one step per micro-batch in order, also when the optimizer step was
+        # skipped (its forwards ran), and before the EMA model averages tau
+        update_thresholds(model, kth_scores)
         if finite:
             scheduler.step()
             ema.update_parameters(accelerator.unwrap_model(model))
