@@ -40,6 +40,7 @@ from moe_step import (  # noqa: E402
 )
 
 from racedit.models import count_macs, count_params, create_model  # noqa: E402
+from racedit.models.moe import update_thresholds  # noqa: E402
 from racedit.models.records import ForwardRecord  # noqa: E402
 
 BASE = "RaceDiT-S/2-2in8"
@@ -85,6 +86,7 @@ class TrainStep:
         self.optimizer.step()
         self.model.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
+        update_thresholds(self.model, [record.kth_scores()])  # the MoE inference thresholds, as training does
         if record.memory:
             self.touched = [float(v["slots_touched"]) for v in record.memory.values()]
 

@@ -4,10 +4,11 @@
     python bench/moe_step.py --iters 20 --no-memory
 
 One run prints markdown tables. Train step = forward (with a ForwardRecord, as in training) + backward +
-AdamW step. Models are timed in interleaved rounds (dense, MoE, MoE, dense, ...) so a change in machine
-load hits every model alike; the tables give medians. Peak memory is the peak resident set of a fresh
-subprocess running two train steps of one model (CPU), or torch.cuda.max_memory_allocated (GPU). When
-CUDA is available, a second table gives bf16-autocast images/s of DiT-B/2 against RaceDiT-B/2-4in32.
+AdamW step + the inference thresholds' update. Models are timed in interleaved rounds (dense, MoE, MoE,
+dense, ...) so a change in machine load hits every model alike; the tables give medians. Peak memory is
+the peak resident set of a fresh subprocess running two train steps of one model (CPU), or
+torch.cuda.max_memory_allocated (GPU). When CUDA is available, a second table gives bf16-autocast
+images/s of DiT-B/2 against RaceDiT-B/2-4in32.
 
 Letters: B images per step, L tokens per image, D width, E experts, k experts per token on average.
 """
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from racedit.models import count_params, create_model  # noqa: E402
-from racedit.models.moe import MoEFeedForward  # noqa: E402
+from racedit.models.moe import MoEFeedForward, update_thresholds  # noqa: E402
 from racedit.models.records import ForwardRecord  # noqa: E402
 
 CPU_MODELS = ("DiT-S/2", "RaceDiT-S/2-2in8", "RaceDiT-S/2-4in32")
@@ -78,12 +79,14 @@ class TrainStep:
 
     def __call__(self) -> None:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        record = ForwardRecord()
         with amp:
-            out = self.model(self.x, self.t, self.y, record=ForwardRecord())
+            out = self.model(self.x, self.t, self.y, record=record)
             loss = F.mse_loss(out[:, : self.x.shape[1]].float(), self.target)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        update_thresholds(self.model, [record.kth_scores()])  # the inference thresholds, as training does
 
 
 def sync(device: torch.device) -> None:

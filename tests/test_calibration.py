@@ -17,7 +17,7 @@ from racedit.data import DigitsDataset
 from racedit.data.factory import training_batches
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.models import create_model
-from racedit.models.moe import threshold_layers
+from racedit.models.moe import threshold_layers, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import experts_per_token
 from racedit.sampling.calibration import calibrate_thresholds
@@ -90,7 +90,7 @@ def test_calibrated_tau_is_the_mean_batch_kth_score_of_the_given_weights():
         expected = np.mean(reference[layer.layer_index])
         assert float(layer.tau) == pytest.approx(expected, rel=1e-5)
         assert cal.tau_before[layer.layer_index] == 3.0 and bool(layer.threshold_initialized)
-        assert layer.race_scope == "local"
+        assert layer.router.race_scope == "local"
     assert len(set(map(tuple, reference.values()))) == 2  # the layers really differ
     assert not model.training  # left in the mode it was in, with the weights untouched
     for k, v in model.state_dict().items():
@@ -107,8 +107,10 @@ def test_calibration_brings_the_realised_experts_per_token_back_to_k():
     objective = DDPMObjective(1000)
     live = race_model(seed=0).train()
     for x0, y in random_batches(20, 16, seed=2):  # tau tracks the live weights' K-th score
+        record = ForwardRecord()
         live(objective.add_noise(x0, torch.randint(0, 1000, (16,)), torch.randn_like(x0)),
-             torch.randint(0, 1000, (16,)).float(), y)
+             torch.randint(0, 1000, (16,)).float(), y, record=record)
+        update_thresholds(live, [record.kth_scores()])
     ema = race_model(seed=0)
     ema.load_state_dict(live.state_dict())
     with torch.no_grad():  # weights that score differently, sharing the live tau (the EMA situation)
@@ -166,7 +168,9 @@ def test_training_batches_read_the_configs_data(tiny_config):
 def race_checkpoint(tiny_config, tmp_path):
     cfg = tiny_config("model.name=RaceDiT-S/2-2in8", out_dir=tmp_path / "run")
     model = race_model()
-    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8))  # sets tau
+    record = ForwardRecord()
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8), record=record)
+    update_thresholds(model, [record.kth_scores()])  # sets tau
     state = model.state_dict()
     return save_checkpoint(tmp_path / "run" / "checkpoints", 3, model_state=state, ema_state=state,
                            train_state={"step": 3}, config=cfg)

@@ -26,7 +26,7 @@ from racedit.models.losses import (
     router_similarity_loss,
     z_loss,
 )
-from racedit.models.moe import MoEFeedForward
+from racedit.models.moe import MoEFeedForward, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.training.objective_step import training_losses
 
@@ -225,7 +225,9 @@ def test_target_heads_do_not_change_the_model_output_or_samples():
     outs = []
     for m in (with_heads, without):
         m.train()
-        train_out = m(x, t, y, record=ForwardRecord(), label_dropout=False)  # also sets the thresholds
+        record = ForwardRecord()
+        train_out = m(x, t, y, record=record, label_dropout=False)
+        update_thresholds(m, [record.kth_scores()])  # the thresholds the eval forward uses
         m.eval()
         with torch.no_grad():
             eval_out = m(x, t, y)

@@ -14,8 +14,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import racedit.models.moe as moe
+from racedit.models import create_model
 from racedit.models.dit import FeedForward
-from racedit.models.moe import Experts, MoEFeedForward, dispatch, dispatch_reference
+from racedit.models.moe import Experts, MoEFeedForward, dispatch, dispatch_reference, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import gate, select
 
@@ -148,7 +149,9 @@ def test_bf16_autocast_forward_backward_cpu():
     assert torch.isfinite(u.grad).all()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert bool(layer.threshold_initialized) and torch.isfinite(layer.tau)
+    assert rec.kth_score.dtype == torch.float32 and torch.isfinite(rec.kth_score)
+    update_thresholds(layer, [record.kth_scores()])
+    assert bool(layer.threshold_initialized) and torch.isfinite(layer.tau) and layer.tau.dtype == torch.float32
 
 
 def test_record_contents_and_layer_index():
@@ -199,18 +202,63 @@ def test_constructor_rejects_bad_options():
         MoEFeedForward(16, 4, 2, gating="relu")
 
 
-def test_threshold_updates_once_per_batch_under_activation_checkpointing():
-    from torch.utils.checkpoint import checkpoint
+def naive_kth(scores: torch.Tensor, k: int, num_experts: int) -> float:
+    """Expert Race's K-th largest score, K = N * k of the N * E (token, expert) scores, sorted in float64."""
+    flat = scores.detach().double().flatten()
+    return float(torch.sort(flat, descending=True).values[flat.numel() // num_experts * k - 1])
+
+
+def test_a_training_forward_leaves_the_threshold_alone():
+    """Forwards only record the K-th score, with or without a record, with a backward, in a whole DiT too."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 4, 2, threshold_decay=0.5).train()
+    with torch.no_grad():
+        layer.tau.fill_(0.123)
+    tau = layer.tau.clone()
+    record = ForwardRecord()
+    layer(torch.randn(2, 8, 16), record).square().sum().backward()
+    layer(torch.randn(2, 8, 16)).sum().backward()
+    assert record.moe[0].kth_score is not None  # the forward did see a K-th score ...
+    assert torch.equal(layer.tau, tau) and not bool(layer.threshold_initialized)  # ... and kept it to itself
+    model = create_model("RaceDiT-S/2-2in8", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32,
+                         num_heads=2, learn_sigma=False).train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("tau", "threshold_initialized"))}
+    assert len(buffers) == 4
+    record = ForwardRecord()
+    model(torch.randn(4, 1, 8, 8), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.arange(4), record=record).sum().backward()
+    assert sorted(record.kth_scores()) == [0, 1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+
+
+def test_a_forward_recomputed_under_activation_checkpointing_is_counted_once():
+    """Non-reentrant checkpointing recomputes the layer's forward in the backward (early stop off, so the
+    recomputation reaches the record and rewrites it); tau still takes one EMA step per batch."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     torch.manual_seed(0)
-    plain = MoEFeedForward(16, 4, 2, threshold_decay=0.5).train()
-    checkpointed = MoEFeedForward(16, 4, 2, threshold_decay=0.5).train()
+    B, L, D, E, k, decay = 2, 8, 16, 4, 2, 0.5
+    plain = MoEFeedForward(D, E, k, threshold_decay=decay).train()
+    checkpointed = MoEFeedForward(D, E, k, threshold_decay=decay).train()
     checkpointed.load_state_dict(plain.state_dict())
+    forwards = []
+    checkpointed.register_forward_hook(lambda *_: forwards.append(1))
+    expected = None
     for _ in range(3):
-        u = torch.randn(2, 8, 16, requires_grad=True)
-        plain(u).square().sum().backward()
-        checkpoint(checkpointed, u, use_reentrant=False).square().sum().backward()
+        u = torch.randn(B, L, D, requires_grad=True)
+        plain_record, record = ForwardRecord(), ForwardRecord()
+        plain(u, plain_record).square().sum().backward()
+        with set_checkpoint_early_stop(False):
+            out = checkpoint(checkpointed, u, record, use_reentrant=False)
+        first = record.moe[0]
+        out.square().sum().backward()
+        assert record.moe[0] is not first  # the recomputation wrote the record again ...
+        update_thresholds(plain, [plain_record.kth_scores()])
+        update_thresholds(checkpointed, [record.kth_scores()])
+        kth = naive_kth(first.scores, k, E)
+        expected = kth if expected is None else decay * expected + (1 - decay) * kth
+    assert len(forwards) == 6  # two forwards per batch
     assert checkpointed.tau.item() == plain.tau.item()
+    assert checkpointed.tau.item() == pytest.approx(expected, abs=1e-6)  # ... and each batch counted once
 
 
 def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:

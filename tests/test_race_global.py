@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from conftest import run_gloo_workers
 
-from racedit.models.moe import MoEFeedForward
+from racedit.models.moe import MoEFeedForward, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import grouped_topk, grouped_topk_global
 
@@ -41,6 +41,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for step in range(2):
             record = ForwardRecord()
             results[f"y{step}"] = layer(u[rows], record)
+            update_thresholds(layer, [record.kth_scores()])
             results[f"mask{step}"] = record.moe[0].mask
             results[f"kth{step}"] = record.moe[0].kth_score
             results["group_is_world"] = record.moe[0].group is dist.group.WORLD
@@ -57,10 +58,11 @@ def test_global_race_equals_single_process_on_concatenated_batch(tmp_path):
 
     u, ties = make_batch()
     single = make_layer()
-    single.race_scope = "local"
+    single.router.race_scope = "local"
     for step in range(2):
         record = ForwardRecord()
         y = single(u, record)
+        update_thresholds(single, [record.kth_scores()])
         mask = record.moe[0].mask.view(sum(RANK_BATCH), L, E)
         got_mask = torch.cat([r[f"mask{step}"].view(-1, L, E) for r in ranks])
         assert torch.equal(got_mask, mask)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from racedit.models.moe import MoEFeedForward
+from racedit.models.moe import MoEFeedForward, update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import (
     BATCH_COUPLED,
@@ -147,6 +147,7 @@ def test_moe_layer_threshold_tracks_the_kth_score(strategy):
     for step in range(3):
         record = ForwardRecord()
         layer(torch.randn(B, L, D), record)
+        update_thresholds(layer, [record.kth_scores()])  # what the training step does after the backward
         rec = record.moe[0]
         if strategy == "token_choice":
             assert rec.kth_score is None and not bool(layer.threshold_initialized)
@@ -165,7 +166,9 @@ def test_eval_threshold_routing_is_batch_independent():
     L, D, E, k = 16, 32, 8, 2
     layer = MoEFeedForward(D, E, k, routing="expert_race").double().train()
     for _ in range(5):
-        layer(torch.randn(16, L, D, dtype=torch.float64))
+        record = ForwardRecord()
+        layer(torch.randn(16, L, D, dtype=torch.float64), record)
+        update_thresholds(layer, [record.kth_scores()])
     assert bool(layer.threshold_initialized) and layer.tau.dtype == torch.float32
     layer.eval()
     batch = torch.randn(16, L, D, dtype=torch.float64)
@@ -195,9 +198,13 @@ def test_eval_topk_rule_and_uninitialized_threshold():
 
 
 def test_threshold_buffer_stays_float32_under_dtype_casts():
+    torch.manual_seed(0)
     layer = MoEFeedForward(16, 4, 2).train()
-    layer(torch.randn(2, 4, 16))
+    record = ForwardRecord()
+    layer(torch.randn(2, 4, 16), record)
+    update_thresholds(layer, [record.kth_scores()])
     tau = layer.tau.item()
+    assert torch.tensor(tau).bfloat16().item() != tau  # a cast to bf16 would round it
     layer.to(torch.bfloat16)
     assert layer.tau.dtype == torch.float32 and layer.tau.item() == tau
     assert layer.experts.w1.dtype == torch.bfloat16

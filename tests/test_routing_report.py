@@ -11,6 +11,7 @@ from racedit.checkpoint import save_checkpoint
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.evaluation.routing_report import FIGURES, SUMMARY, collect_routing_stats, main
 from racedit.models import create_model
+from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,8 +25,10 @@ def tiny_checkpoint(tiny_config, tmp_path):
     with torch.no_grad():  # open the adaLN gates so the branch norms are not all zero
         for block in model.blocks:
             block.adaLN_modulation[-1].weight.normal_(std=0.05)
-    # one training-mode forward sets the inference thresholds
-    model(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8), record=ForwardRecord())
+    # one training-mode forward's K-th scores set the inference thresholds
+    record = ForwardRecord()
+    model(torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)).float(), torch.arange(8), record=record)
+    update_thresholds(model, [record.kth_scores()])
     state = model.state_dict()
     return save_checkpoint(tmp_path / "run" / "checkpoints", 3, model_state=state, ema_state=state,
                            train_state={"step": 3}, config=cfg)
@@ -59,7 +62,9 @@ def test_report_statistics_shapes_and_dense_models_are_refused():
     torch.manual_seed(0)
     kw = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, learn_sigma=False)
     model = create_model("RaceDiT-S/2-2in8", **kw)
-    model.train()(torch.randn(4, 1, 8, 8), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.arange(4))  # sets tau
+    record = ForwardRecord()
+    model.train()(torch.randn(4, 1, 8, 8), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.arange(4), record=record)
+    update_thresholds(model, [record.kth_scores()])  # sets tau
     objective = DDPMObjective(1000)
     x0, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
     stats = collect_routing_stats(model, objective, x0, labels, num_timesteps=3, batch_size=4)

@@ -267,6 +267,47 @@ def test_corrupted_weights_stop_the_run_before_any_checkpoint(tiny_config, monke
     assert latest_checkpoint(root) is None and not (root / "step_0000004").exists()
 
 
+# --- the inference thresholds ------------------------------------------------------------------------------------
+
+
+def test_tau_is_the_ema_of_every_micro_batchs_recorded_kth_score(tiny_config, monkeypatch):
+    """grad_accum 2, activation checkpointing on, and step 10 skipped (a micro-batch's loss made NaN after its
+    forward). Reference: a float64 EMA over all 24 micro-batches in order of the K-th largest score (K = N k of
+    the N E scores each forward recorded, sorted here), the skipped step's included (its forwards ran, as
+    they always moved tau); the EMA model's tau averages the live tau after each finite step only."""
+    decay, k, E = 0.7, 2, 8
+    cfg = tiny_config("model.name=RaceDiT-S/2-2in8", f"model.threshold_decay={decay}", "train.grad_accum=2",
+                      "train.grad_checkpointing=true", "train.ckpt_every=0")
+    real = loop_mod.training_losses
+    recorded: list[dict[int, torch.Tensor]] = []  # per micro-batch: block -> (N, E) scores as recorded
+
+    def wrapped(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        recorded.append({i: r.scores.detach().double().flatten() for i, r in args[-1].moe.items()})
+        if len(recorded) == 19:  # the first micro-batch of step 10
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(loop_mod, "training_losses", wrapped)
+    result = train(cfg)
+    assert result.step == 12 and result.skipped_steps == 1 and len(recorded) == 24
+    tau: dict[int, float] = {}
+    ema_tau = {0: 0.0, 1: 0.0}  # the EMA model starts as a copy of the fresh model: tau = 0
+    for step in range(12):
+        for scores in recorded[2 * step: 2 * step + 2]:
+            for i, s in scores.items():
+                kth = float(torch.sort(s, descending=True).values[s.numel() // E * k - 1])
+                tau[i] = decay * tau[i] + (1 - decay) * kth if i in tau else kth
+        if step != 9:
+            for i in ema_tau:
+                ema_tau[i] += (1 - cfg.train.ema_decay) * (tau[i] - ema_tau[i])
+    final = weights_of(result.checkpoint)
+    for i in (0, 1):
+        assert float(final["model"][f"blocks.{i}.mlp.tau"]) == pytest.approx(tau[i], rel=1e-6, abs=1e-7)
+        assert float(final["ema"][f"blocks.{i}.mlp.tau"]) == pytest.approx(ema_tau[i], rel=1e-6, abs=1e-7)
+    assert tau[0] != pytest.approx(tau[1])  # the layers really differ
+
+
 # --- run-directory guards --------------------------------------------------------------------------------------
 
 

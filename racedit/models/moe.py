@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -241,35 +241,23 @@ def dispatch_reference(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor
     return out
 
 
-def _recomputing_in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a forward;
-    the threshold must see each training batch once, not twice."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() >= 0
-
-
 class Router(nn.Module):
-    """Shared trunk Linear(D, D) + GELU, gating head D -> E, optional target head D -> P."""
+    """Which experts each token uses, and with what weight, under one of the six grouped top-K strategies.
 
-    def __init__(self, dim: int, num_experts: int, target_dim: int = 0):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"))
-        self.gate_head = nn.Linear(dim, num_experts)
-        self.target_head = nn.Linear(dim, target_dim) if target_dim > 0 else None
+    trunk r = GELU(Linear(D, D)(x)), gating head logits = Linear(D, E)(r), gate values S = G(logits) with G
+    the gating function (identity, sigmoid or softmax), then the selection:
+    - training: the exact grouped top-K of `routing` over the batch (`routing.grouped_topk`), over the batch of
+      every rank of the default process group when race_scope="global";
+    - eval: S >= threshold when a threshold is given (batch-independent), else the training rule on the eval batch.
+    The optional target head D -> P predicts each token's diffusion target from r; it feeds the per-layer
+    regularization loss only, so it runs only in training forwards that fill a record.
 
-
-class MoEFeedForward(nn.Module):
-    """MoE replacement of the DiT MLP: (B, L, D) -> (B, L, D), routed by one of the grouped top-K strategies.
-
-    Training: exact grouped top-K on S = gating(logits); for the batch-coupled strategies the buffer `tau`
-    tracks the EMA of the batch's K-th largest score. Eval: `S >= tau` when inference_routing="threshold"
-    (batch-independent), else the training rule on the eval batch. race_scope="global" makes the training
-    selection span the batch of all ranks of the default process group; eval selection is always local.
+    The router holds no state besides its weights: the inference threshold and its EMA belong to the MoE
+    layer (`MoEFeedForward.tau`), which passes the threshold in.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int, mlp_ratio: float = 4.0, routing: str = "expert_race",
-                 gating: str = "identity", race_scope: str = "local", threshold_decay: float = 0.99,
-                 inference_routing: str = "threshold", target_dim: int = 0, layer_index: int = 0):
+    def __init__(self, dim: int, num_experts: int, k: int, routing: str = "expert_race", gating: str = "identity",
+                 race_scope: str = "local", target_dim: int = 0):
         super().__init__()
         if routing not in STRATEGIES:
             raise ValueError(f"unknown routing {routing!r}; allowed: {list(STRATEGIES)}")
@@ -277,18 +265,94 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"unknown gating {gating!r}; allowed: {list(GATINGS)}")
         if race_scope not in ("local", "global"):
             raise ValueError(f"unknown race_scope {race_scope!r}; allowed: ['local', 'global']")
-        if inference_routing not in ("threshold", "topk"):
-            raise ValueError(f"unknown inference_routing {inference_routing!r}; allowed: ['threshold', 'topk']")
         if not 1 <= k <= num_experts:
             raise ValueError(f"MoE needs 1 <= k <= E, got k={k}, E={num_experts}")
+        self.num_experts, self.k = num_experts, k
+        self.routing, self.gating, self.race_scope = routing, gating, race_scope
+        self.trunk = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"))
+        self.gate_head = nn.Linear(dim, num_experts)
+        self.target_head = nn.Linear(dim, target_dim) if target_dim > 0 else None
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform weights, zero biases."""
+        for linear in (self.trunk[0], self.gate_head, self.target_head):
+            if linear is not None:
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None,
+                predict_target: bool = True) -> MoELayerRecord:
+        """x (B, L, D) -> the routing of its N = B*L tokens, as the MoE layer records it:
+
+        logits (N, E) fp32, scores S (N, E) (selection score and output weight), mask (N, E) bool,
+        kth_score () the batch's K-th largest score (training, batch-coupled strategies; else None),
+        target_pred (B, L, P) (training, with a target head and `predict_target`; else None), group (the
+        process group the selection spanned, or None). threshold: () eval-mode tau, or None for the top-K rule.
+        """
+        B, L, D = x.shape
+        r = self.trunk(x.reshape(B * L, D))
+        # Gate logits, gating and selection in fp32: bf16 logits tie often and would blur the race.
+        logits = gate_logits_fp32(r, self.gate_head)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = gate(logits, self.gating)
+            mask, kth = self.select(scores.view(B, L, self.num_experts), threshold)
+        target_pred = None
+        if self.training and predict_target and self.target_head is not None:
+            target_pred = self.target_head(r).view(B, L, -1)
+        return MoELayerRecord(logits=logits, scores=scores, mask=mask.reshape(B * L, self.num_experts),
+                              target_pred=target_pred, kth_score=kth, group=self.selection_group())
+
+    def select(self, scores: torch.Tensor,
+               threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """S (B, L, E) -> (bool mask (B, L, E), the batch's K-th largest score () or None); see the class doc.
+
+        For strategies with several groups the K-th score is the mean over groups of each group's K-th
+        largest score; token choice has none (its selection does not depend on the batch).
+        """
+        if self.training:
+            if self.race_scope == "global":
+                mask, kth_per_group = grouped_topk_global(scores, self.routing, self.k)
+            else:
+                mask, kth_per_group = grouped_topk(scores, self.routing, self.k)
+            return mask, (kth_per_group.float().mean() if self.routing in BATCH_COUPLED else None)
+        if threshold is not None:
+            return threshold_mask(scores, threshold), None
+        return grouped_topk(scores, self.routing, self.k)[0], None
+
+    def selection_group(self):
+        """The process group a forward's selection spans now, or None when it is local to the process."""
+        spans_ranks = self.training and self.race_scope == "global" and dist.is_available() and dist.is_initialized()
+        return dist.group.WORLD if spans_ranks else None
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, k={self.k}, routing={self.routing}, gating={self.gating}, "
+                f"race_scope={self.race_scope}")
+
+
+class MoEFeedForward(nn.Module):
+    """MoE replacement of the DiT MLP: (B, L, D) -> (B, L, D): router, then dispatch to the experts and combine.
+
+    Training: exact grouped top-K on S (the `Router`). For the batch-coupled strategies the buffer `tau`
+    is the inference threshold, an EMA of the training batches' K-th largest score. The forward only records
+    that score (`MoELayerRecord.kth_score`); the training step applies it after the backward
+    (`update_thresholds`), so no forward moves tau: not a recomputed one under activation checkpointing,
+    nor calibration's or a probe's training-mode forwards. Eval: `S >= tau` when inference_routing="threshold"
+    (batch-independent), else the training rule on the eval batch. Eval selection is always local.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int, mlp_ratio: float = 4.0, routing: str = "expert_race",
+                 gating: str = "identity", race_scope: str = "local", threshold_decay: float = 0.99,
+                 inference_routing: str = "threshold", target_dim: int = 0, layer_index: int = 0):
+        super().__init__()
+        if inference_routing not in ("threshold", "topk"):
+            raise ValueError(f"unknown inference_routing {inference_routing!r}; allowed: ['threshold', 'topk']")
         if not 0.0 <= threshold_decay < 1.0:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
+        self.router = Router(dim, num_experts, k, routing, gating, race_scope, target_dim)
         self.dim, self.num_experts, self.k = dim, num_experts, k
-        self.routing, self.gating, self.race_scope = routing, gating, race_scope
         self.threshold_decay, self.inference_routing = threshold_decay, inference_routing
         self.target_dim, self.layer_index = target_dim, layer_index
         self.hidden = int(round(mlp_ratio * dim / k))
-        self.router = Router(dim, num_experts, target_dim)
         self.experts = Experts(dim, self.hidden, num_experts, k)
         # Inference threshold (fp32 scalar) and whether a training batch has set it yet.
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32))
@@ -297,8 +361,10 @@ class MoEFeedForward(nn.Module):
         self.initialize_weights()
 
     def _apply(self, fn, recurse=True):
-        # Module-wide dtype casts (.double(), .to(torch.bfloat16)) must not round the threshold: follow the
-        # device of the cast, keep float32.
+        # Module-wide dtype casts (.double(), .to(torch.bfloat16)) cast every floating buffer, and torch has no
+        # per-buffer opt-out. A bf16 tau would move the threshold by up to 2^-8 of its value (a visible change
+        # in the share of pairs S >= tau selects) and make the later EMA steps bf16 arithmetic; so tau follows
+        # the device of the cast but stays float32. (Autocast alone never touches buffers.)
         tau = self.tau
         super()._apply(fn, recurse)
         self.tau = tau.to(device=self.tau.device, dtype=torch.float32)
@@ -306,63 +372,45 @@ class MoEFeedForward(nn.Module):
 
     def initialize_weights(self) -> None:
         """Router: xavier-uniform weights, zero biases; experts: xavier-uniform per expert matrix, zero biases."""
-        for linear in (self.router.trunk[0], self.router.gate_head, self.router.target_head):
-            if linear is not None:
-                nn.init.xavier_uniform_(linear.weight)
-                nn.init.zeros_(linear.bias)
+        self.router.initialize_weights()
         self.experts.initialize_weights()
 
     @property
     def uses_threshold(self) -> bool:
         """Whether eval mode selects with `S >= tau` (batch-coupled strategy and inference_routing=threshold)."""
-        return self.routing in BATCH_COUPLED and self.inference_routing == "threshold"
+        return self.router.routing in BATCH_COUPLED and self.inference_routing == "threshold"
 
-    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """S (B, L, E) -> (bool mask (B, L, E), batch K-th largest score () or None); updates tau in training."""
-        if self.training:
-            if self.race_scope == "global":
-                mask, kth_per_group = grouped_topk_global(scores, self.routing, self.k)
-            else:
-                mask, kth_per_group = grouped_topk(scores, self.routing, self.k)
-            if self.routing not in BATCH_COUPLED:
-                return mask, None
-            kth = kth_per_group.float().mean()
-            if not _recomputing_in_backward():
-                update_threshold_(self.tau, self.threshold_initialized, kth, self.threshold_decay)
-            return mask, kth
-        if self.uses_threshold:
-            if bool(self.threshold_initialized):
-                return threshold_mask(scores, self.tau), None
-            if not self._warned_uninitialized:
-                warnings.warn(f"MoE layer {self.layer_index}: inference threshold never set by a training batch; "
-                              "eval mode uses the training top-K rule on the eval batch", stacklevel=2)
-                self._warned_uninitialized = True
-        return grouped_topk(scores, self.routing, self.k)[0], None
+    def inference_threshold(self) -> torch.Tensor | None:
+        """tau when this forward selects with S >= tau; None in training mode, for the top-K rule, and while no
+        training batch has set tau (eval then runs the training rule on the eval batch, with a warning once)."""
+        if self.training or not self.uses_threshold:
+            return None
+        if bool(self.threshold_initialized):
+            return self.tau
+        if not self._warned_uninitialized:
+            warnings.warn(f"MoE layer {self.layer_index}: inference threshold never set by a training batch; "
+                          "eval mode uses the training top-K rule on the eval batch", stacklevel=2)
+            self._warned_uninitialized = True
+        return None
 
-    def _selection_group(self):
-        """The process group this forward's selection spanned, or None when it was local to the process."""
-        spans_ranks = self.training and self.race_scope == "global" and dist.is_available() and dist.is_initialized()
-        return dist.group.WORLD if spans_ranks else None
+    @torch.no_grad()
+    def update_threshold(self, kth_score: torch.Tensor) -> None:
+        """One EMA step of tau towards a training batch's K-th largest score (), `MoELayerRecord.kth_score`:
+        tau <- kth_score the first time, else decay * tau + (1 - decay) * kth_score (in float32)."""
+        update_threshold_(self.tau, self.threshold_initialized, kth_score, self.threshold_decay)
 
     def forward(self, u: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
-        """u (B, L, D), the adaLN-modulated LayerNorm output -> (B, L, D); fills record.moe[layer_index]."""
+        """u (B, L, D), the adaLN-modulated LayerNorm output -> (B, L, D); fills record.moe[layer_index].
+
+        The record is written by assignment: a forward recomputed under activation checkpointing replaces
+        its entry, so each training forward is counted once.
+        """
         B, L, D = u.shape
-        x = u.reshape(B * L, D)
-        r = self.router.trunk(x)
-        # Gate logits, gating and selection in fp32: bf16 logits tie often and would blur the race.
-        logits = gate_logits_fp32(r, self.router.gate_head)
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            scores = gate(logits, self.gating)
-            mask, kth = self.route(scores.view(B, L, self.num_experts))
-        mask = mask.reshape(B * L, self.num_experts)
-        y = dispatch(x, mask, scores, self.experts)
+        # the target head only feeds a loss that reads the record: without one it would be wasted compute
+        routing = self.router(u, self.inference_threshold(), predict_target=record is not None)
+        y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts)
         if record is not None:
-            target_pred = None
-            if self.router.target_head is not None:
-                target_pred = self.router.target_head(r).view(B, L, self.target_dim)
-            record.moe[self.layer_index] = MoELayerRecord(
-                logits=logits, scores=scores, mask=mask, target_pred=target_pred, kth_score=kth,
-                group=self._selection_group())
+            record.moe[self.layer_index] = routing
         return y.view(B, L, D)
 
     def macs(self, num_tokens: int) -> int:
@@ -372,8 +420,7 @@ class MoEFeedForward(nn.Module):
         return num_tokens * (router + self.k * 2 * self.dim * self.hidden)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, experts={self.num_experts}, k={self.k}, hidden={self.hidden}, "
-                f"routing={self.routing}, gating={self.gating}, race_scope={self.race_scope}")
+        return f"dim={self.dim}, experts={self.num_experts}, k={self.k}, hidden={self.hidden}"
 
 
 def threshold_layers(model: nn.Module) -> list[MoEFeedForward]:
@@ -381,21 +428,29 @@ def threshold_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.uses_threshold]
 
 
+def update_thresholds(model: nn.Module, kth_scores: Iterable[Mapping[int, torch.Tensor]]) -> None:
+    """Apply training forwards' recorded K-th scores to the inference thresholds of `model`'s MoE layers.
+
+    kth_scores: one mapping per forward, in the order the forwards ran (`ForwardRecord.kth_scores()`: layer
+    index -> K-th largest score ()); each is one EMA step of that layer's tau. The training loop calls this
+    once per optimizer step with the step's micro-batches, skipped (non-finite) steps included.
+    """
+    layers = {m.layer_index: m for m in model.modules() if isinstance(m, MoEFeedForward)}
+    for forward in kth_scores:
+        for index, kth in forward.items():
+            layers[index].update_threshold(kth)
+
+
 @contextlib.contextmanager
-def thresholds_kept(model: nn.Module) -> Iterator[None]:
-    """Inside, `model` may run training-mode forwards (the batch top-K, local to this process: no collective
-    even under race_scope="global") without moving its inference thresholds; on exit every MoE layer's tau,
-    its initialised flag and race_scope, and the model's train/eval mode, are what they were."""
-    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    saved = [(m, m.race_scope, m.tau.clone(), m.threshold_initialized.clone()) for m in layers]
-    was_training = model.training
+def local_selection(model: nn.Module) -> Iterator[None]:
+    """Inside, training-mode forwards of `model` select within this process's batch: no collective runs even
+    under race_scope="global" (calibration and upcycling probes, whose batch plays the global batch)."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    scopes = [r.race_scope for r in routers]
     try:
-        for m in layers:
-            m.race_scope = "local"
+        for r in routers:
+            r.race_scope = "local"
         yield
     finally:
-        model.train(was_training)
-        for m, scope, tau, initialized in saved:
-            m.race_scope = scope
-            m.tau.copy_(tau)
-            m.threshold_initialized.copy_(initialized)
+        for r, scope in zip(routers, scopes):
+            r.race_scope = scope

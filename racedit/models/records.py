@@ -17,13 +17,14 @@ import torch
 
 @dataclass
 class MoELayerRecord:
-    """What one MoE feed-forward layer reports for one forward pass."""
+    """What one MoE feed-forward layer reports for one forward pass: its router's output (`Router.forward`)."""
 
     logits: torch.Tensor  # (N, E) gating-head logits, before the gating function (fp32)
     scores: torch.Tensor  # (N, E) gate values S = G(logits); also the output weights
     mask: torch.Tensor  # (N, E) bool, selected (token, expert) pairs; carries no gradient
     target_pred: torch.Tensor | None = None  # (B, L, P) router target-head output (per-layer regularization)
-    kth_score: torch.Tensor | None = None  # () the batch's K-th largest score (training, batch-coupled routing)
+    kth_score: torch.Tensor | None = None  # () the batch's K-th largest score (training, batch-coupled routing);
+    # the inference threshold's EMA is updated from it after the backward (`moe.update_thresholds`)
     group: object | None = None  # process group the selection spanned (race_scope=global), for global losses
 
 
@@ -43,3 +44,8 @@ class ForwardRecord:
     def moe_layers(self) -> list[MoELayerRecord]:
         """MoE records in block order."""
         return [self.moe[i] for i in sorted(self.moe)]
+
+    def kth_scores(self) -> dict[int, torch.Tensor]:
+        """Block index -> K-th largest score () of each MoE layer that recorded one (training, batch-coupled
+        routing): what `racedit.models.moe.update_thresholds` moves the inference thresholds by."""
+        return {i: self.moe[i].kth_score for i in sorted(self.moe) if self.moe[i].kth_score is not None}

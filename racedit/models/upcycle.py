@@ -18,7 +18,7 @@ from torch import nn
 
 from racedit.config import ConfigError, ModelConfig
 from racedit.models import DiT, resolve_model_config
-from racedit.models.moe import thresholds_kept
+from racedit.models.moe import local_selection
 from racedit.presets import resolve_preset
 
 
@@ -61,7 +61,8 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     if D < 2 * (m - 1):
         raise UpcycleError(f"the router needs 2 (E/k - 1) = {2 * (m - 1)} trunk units for its bins; D={D}")
     dev, dt = moe.experts.w1.device, moe.experts.w1.dtype
-    s0 = _nominal_gate(moe.gating, k)
+    gating = moe.router.gating
+    s0 = _nominal_gate(gating, k)
     experts = moe.experts
     for c in range(k):
         rows = slice(c * h, (c + 1) * h)
@@ -81,9 +82,9 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     router = moe.router
     trunk, head = router.trunk[0], router.gate_head
     head.weight.zero_()
-    head.bias.fill_(_nominal_logit(moe.gating))
+    head.bias.fill_(_nominal_logit(gating))
     if m > 1:
-        a, eps = BIN_RAMP_MARGIN[moe.gating]
+        a, eps = BIN_RAMP_MARGIN[gating]
         w = torch.randn(D, generator=generator, dtype=torch.float64)
         w = (w / w.norm()).to(trunk.weight.dtype)
         thetas = [NormalDist().inv_cdf(i / m) for i in range(1, m)]
@@ -102,7 +103,7 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
                 if j <= m - 2:  # above bin j: f > theta_{j+1}, measured by unit 2 j
                     head.weight[e, 2 * j] = -eps / a
     # eval threshold: every selected pair scores ~s0; for softmax the others score < s0 / 2
-    moe.tau.fill_(s0 / 2 if moe.gating == "softmax" and m > 1 else s0)
+    moe.tau.fill_(s0 / 2 if gating == "softmax" and m > 1 else s0)
     moe.threshold_initialized.fill_(True)
 
 
@@ -179,7 +180,7 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
     """How far the upcycled model is from the dense one on (x, t, y): {"relative": ||a - b|| / ||b||,
     "max_abs": max |a - b|} of the whole outputs, and "max_layer_relative": the worst per-layer gap of the
     MoE layers on the dense model's own MLP inputs. train_mode=True routes with the training rule (the
-    batch race; the thresholds are not changed), else with the eval rule (the threshold)."""
+    batch race, local to this process; no forward moves the thresholds), else with the eval rule (the threshold)."""
     inputs: dict[int, torch.Tensor] = {}
     hooks = [b.mlp.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0]))
              for i, b in enumerate(dense.blocks)]
@@ -189,7 +190,7 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
         for hook in hooks:
             hook.remove()
     layer = 0.0
-    with thresholds_kept(moe_model):
+    with local_selection(moe_model):
         moe_model.train(train_mode)
         out = moe_model(x, t, y, label_dropout=False)
         for i, (dense_block, block) in enumerate(zip(dense.blocks, moe_model.blocks)):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from racedit.diffusion.draws import MicroBatchDraws
 from racedit.diffusion.objectives import Objective
-from racedit.models.moe import threshold_layers, thresholds_kept
+from racedit.models.moe import local_selection, threshold_layers
 from racedit.models.records import ForwardRecord
 
 
@@ -67,25 +67,31 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
     sums: dict[int, torch.Tensor | float] = {m.layer_index: 0.0 for m in layers}  # on the device: no sync per batch
     before = {m.layer_index: float(m.tau) for m in layers}
     batch_size = 0
-    with thresholds_kept(model):  # the training forwards below would move tau: it is put back first
-        model.train()  # the training selection, whose K-th largest score is what tau estimates
-        it: Iterator = iter(batches)
-        for _ in tqdm(range(num_batches), desc="calibrate tau", disable=not progress, leave=False):
-            try:
-                x0, y = next(it)
-            except StopIteration:
-                raise ValueError(f"calibration data ran out before {num_batches} batches") from None
-            batch_size = len(x0)
-            t = objective.sample_t(len(x0), torch.device("cpu"), gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            drop = torch.rand(len(x0), generator=gen) < label_dropout
-            draws = MicroBatchDraws(t.to(x0.device), noise.to(x0.device, x0.dtype), drop.to(y.device),
-                                    model.num_classes)
-            s = objective.sample(x0, t=draws.t, noise=draws.noise)
-            record = ForwardRecord()
-            model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
-            for i in sums:
-                sums[i] = sums[i] + record.moe[i].kth_score.double()
+    was_training = model.training
+    try:
+        # The training selection, whose K-th largest score is what tau estimates; a forward records that
+        # score and leaves tau alone.
+        model.train()
+        with local_selection(model):
+            it: Iterator = iter(batches)
+            for _ in tqdm(range(num_batches), desc="calibrate tau", disable=not progress, leave=False):
+                try:
+                    x0, y = next(it)
+                except StopIteration:
+                    raise ValueError(f"calibration data ran out before {num_batches} batches") from None
+                batch_size = len(x0)
+                t = objective.sample_t(len(x0), torch.device("cpu"), gen)
+                noise = torch.randn(x0.shape, generator=gen)
+                drop = torch.rand(len(x0), generator=gen) < label_dropout
+                draws = MicroBatchDraws(t.to(x0.device), noise.to(x0.device, x0.dtype), drop.to(y.device),
+                                        model.num_classes)
+                s = objective.sample(x0, t=draws.t, noise=draws.noise)
+                record = ForwardRecord()
+                model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
+                for i in sums:
+                    sums[i] = sums[i] + record.moe[i].kth_score.double()
+    finally:
+        model.train(was_training)
     for m in layers:
         m.tau.fill_(float(sums[m.layer_index]) / num_batches)
         m.threshold_initialized.fill_(True)

@@ -34,6 +34,7 @@ from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.models import count_params, create_model, resolve_model_config
+from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
 from racedit.sampling import sample_images, save_grid
@@ -257,6 +258,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     step = start_step
     while step < end_step:
         terms_acc: dict[str, float] = {}
+        kth_scores = []  # per micro-batch: MoE layer -> the batch's K-th largest score
         diagnose = is_main and diagnostics_due(step + 1, tc.diagnostics_every, tc.log_every, end_step)
         for accum_index in range(tc.grad_accum):
             x0, y = next(loader)
@@ -265,6 +267,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                 record = ForwardRecord(diagnostics=diagnose and accum_index == tc.grad_accum - 1)
                 terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
                 accelerator.backward(terms["loss"])
+                kth_scores.append(record.kth_scores())  # read after any recomputation in the backward
                 for k, v in terms.items():  # kept on the device: no host sync per term
                     terms_acc[k] = terms_acc.get(k, 0.0) + v.detach().double() / tc.grad_accum
                 if accelerator.sync_gradients:
@@ -287,6 +290,9 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                     optimizer.zero_grad(set_to_none=True)
         # routing diagnostics of this process's last micro-batch, from the side channel (main process only)
         diag = routing_diagnostics(record, timestep_fraction(objective, draws.t)) if diagnose else {}
+        # the inference thresholds' EMA: one step per micro-batch in order, also when the optimizer step was
+        # skipped (its forwards ran), and before the EMA model averages tau
+        update_thresholds(model, kth_scores)
         if finite:
             scheduler.step()
             ema.update_parameters(accelerator.unwrap_model(model))
