@@ -22,6 +22,7 @@ subcommands.
 from __future__ import annotations
 
 import argparse
+import os
 
 PROG = "racedit"
 
@@ -143,6 +144,8 @@ def _check_sample(args) -> str | None:
 def _check_train(args) -> str | None:
     if args.ckpt is not None and isinstance(args.resume, str):
         return "give the checkpoint once: --ckpt CKPT (or the older --resume CKPT)"
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+        return (f"--resume took {args.resume!r} for a checkpoint; put overrides before --resume, or after --set")
     return None
 
 
