@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/demo.yaml --resume
+	$(BIN)/racedit train --config configs/demo.yaml --resume
 
 test: $(STAMP)
 	$(BIN)/lint-imports

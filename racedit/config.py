@@ -57,7 +57,7 @@ class ModelConfig:
     patch_size: int | None = None  # patch side p (preset)
     mlp_ratio: float = 4.0  # dense MLP hidden = mlp_ratio * D
     # sinusoidal timestep frequencies exp(-ln(10000) i / (128 - shift)), i < 128: 0 = DiT's; 1 = diffusers'
-    # DiTTransformer2DModel (its Timesteps(downscale_freq_shift=1)); eval/convert.py from-diffusers sets 1
+    # DiTTransformer2DModel (its Timesteps(downscale_freq_shift=1)); `racedit convert from-diffusers` sets 1
     timestep_freq_shift: float = 0.0
     qk_norm: bool = False  # LayerNorm on queries and keys (stabilises long mixed-precision runs)
     # --- Mixture of Experts (racedit.models.moe); moe_experts = 0 keeps the dense MLP
@@ -125,7 +125,7 @@ class DataConfig:
 
     kind: str = "digits"  # digits (embedded scikit-learn digits, pixel space) | latents (extracted VAE latents)
     image_size: int = 8  # digits: side after the optional resize (8 = native)
-    latents: str = ""  # latents: directory written by eval/extract_latents.py
+    latents: str = ""  # latents: directory written by `racedit extract-latents`
     sample_posterior: bool = True  # latents: draw from the stored posterior (False: use its mean)
     flip: bool = True  # latents: random horizontal flip (one of the two stored flips, drawn per sample)
     vae: str = ""  # latents: VAE hub id or local dir for decoding; empty = the one named in the manifest
@@ -172,7 +172,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Defaults for sampling (sample grids during training, and sample.py)."""
+    """Defaults for sampling (sample grids during training, and `racedit sample`)."""
 
     sampler: str = "ddpm"  # ddpm | ddim | dpm_solver (ddpm objective); euler | heun (flow objective)
     steps: int = 250  # sampling steps

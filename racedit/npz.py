@@ -87,7 +87,7 @@ def read_exact(f, nbytes: int, path: Path) -> bytes:
 
 
 def read_npz_metadata(path: str | Path) -> dict | None:
-    """The JSON `metadata` that sample.py stores in its npz, or None (absent, or not a JSON string)."""
+    """The JSON `metadata` that `racedit sample` stores in its npz, or None (absent, or not a JSON string)."""
     with np.load(path, allow_pickle=False) as z:
         if "metadata" not in z.files:
             return None

@@ -1,5 +1,5 @@
 """Recalibrating the inference threshold tau for a set of weights (race-dit §5.4): the value against a naive
-sort of the training-rule scores, the realised experts per token, and the sample.py / routing report flags."""
+sort of the training-rule scores, the realised experts per token, and the `racedit sample` / routing report flags."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from racedit.checkpoint import save_checkpoint
-from racedit.cli import sample_main
+from racedit.cli import main
 from racedit.data import DigitsDataset
 from racedit.data.factory import training_batches
 from racedit.diffusion.objectives import DDPMObjective
@@ -180,13 +180,13 @@ def test_sample_py_recalibrates_and_records_it_in_the_npz(race_checkpoint, tmp_p
     out = tmp_path / "s.npz"
     args = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "4", "--batch-size", "4",
             "--steps", "2", "--device", "cpu"]
-    assert sample_main([*args, "--calibrate-threshold", "2", "--calibration-batch", "8"]) == 0
+    assert main(["sample", *args, "--calibrate-threshold", "2", "--calibration-batch", "8"]) == 0
     assert "tau recalibrated on 2 batches of 8" in capsys.readouterr().out
     with np.load(out) as z:
         meta = json.loads(str(z["metadata"]))
     assert meta["threshold"]["batches"] == 2 and sorted(meta["threshold"]["tau"]) == ["0", "1"]
     plain = tmp_path / "p.npz"
-    assert sample_main([*args[:3], str(plain), *args[4:]]) == 0
+    assert main(["sample", *args[:3], str(plain), *args[4:]]) == 0
     with np.load(plain) as z:
         assert json.loads(str(z["metadata"]))["threshold"] == "from training"
 
@@ -196,7 +196,7 @@ def test_sample_py_calibration_error_for_a_dense_checkpoint(tiny_config, tmp_pat
     state = create_model(cfg.model).state_dict()
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints", 1, model_state=state, ema_state=state,
                            train_state={"step": 1}, config=cfg)
-    rc = sample_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--calibrate-threshold", "1",
+    rc = main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--calibrate-threshold", "1",
                       "--device", "cpu"])
     assert rc == 2 and "no MoE layer" in capsys.readouterr().err
 
@@ -208,7 +208,7 @@ def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_p
     base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "8", "--batch-size", "4",
             "--steps", "2", "--device", "cpu", "--quiet", "--calibration-batch", "8"]
     args = [*base, "--calibrate-threshold", "2"]
-    assert sample_main([*args, "--max-batches", "1"]) == 0 and not out.exists()
+    assert main(["sample", *args, "--max-batches", "1"]) == 0 and not out.exists()
     started = json.loads((tmp_path / "s.npz.parts" / "job.json").read_text())["metadata"]["threshold"]["tau"]
 
     real = sampling.calibrate_thresholds
@@ -221,16 +221,16 @@ def test_a_resumed_npz_job_keeps_the_taus_it_started_with(race_checkpoint, tmp_p
         return cal
 
     monkeypatch.setattr(sampling, "calibrate_thresholds", last_bits_differ)
-    assert sample_main(args) == 0 and out.exists()
+    assert main(["sample", *args]) == 0 and out.exists()
     with np.load(out) as z:
         assert json.loads(str(z["metadata"]))["threshold"]["tau"] == started
     written = out.stat().st_mtime_ns
-    assert sample_main(args) == 0 and out.stat().st_mtime_ns == written  # recognised as done, not resampled
+    assert main(["sample", *args]) == 0 and out.stat().st_mtime_ns == written  # recognised as done, not resampled
     # other calibration settings make another job: refused, naming the setting
     out.unlink()
-    assert sample_main([*args, "--max-batches", "1"]) == 0
+    assert main(["sample", *args, "--max-batches", "1"]) == 0
     capsys.readouterr()
-    assert sample_main([*base, "--calibrate-threshold", "3"]) == 2
+    assert main(["sample", *base, "--calibrate-threshold", "3"]) == 2
     assert "differs in: threshold" in capsys.readouterr().err
 
 
@@ -240,7 +240,7 @@ def test_a_finished_npz_of_another_job_lends_no_taus(race_checkpoint, tmp_path, 
     out = tmp_path / "s.npz"
     base = ["--ckpt", str(race_checkpoint), "--out", str(out), "--num-samples", "4", "--batch-size", "4",
             "--steps", "2", "--device", "cpu", "--quiet", "--calibration-batch", "8", "--calibrate-threshold", "2"]
-    assert sample_main(base) == 0
+    assert main(["sample", *base]) == 0
     with np.load(out) as z:
         first = json.loads(str(z["metadata"]))["threshold"]["tau"]
     real = sampling.calibrate_thresholds
@@ -253,7 +253,7 @@ def test_a_finished_npz_of_another_job_lends_no_taus(race_checkpoint, tmp_path, 
         return cal
 
     monkeypatch.setattr(sampling, "calibrate_thresholds", shifted)
-    assert sample_main([*base, "--no-ema"]) == 0  # another job (live weights) writing the same --out
+    assert main(["sample", *base, "--no-ema"]) == 0  # another job (live weights) writing the same --out
     with np.load(out) as z:
         meta = json.loads(str(z["metadata"]))
     assert meta["weights"] == "model"

@@ -10,8 +10,6 @@ import argparse
 import json
 import math
 import pickle
-import runpy
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,11 +20,9 @@ from PIL import Image
 
 from racedit import interop as convert
 from racedit.checkpoint import load_config_of, load_weights, resolve_checkpoint
+from racedit.cli import main
 from racedit.interop import ConversionError
 from racedit.models.dit import sincos_2d
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------ the official layout, written independently
 
@@ -113,11 +109,9 @@ def inputs(channels=4, size=8, classes=10, batch=4, seed=1):
     return x, t, y
 
 
-def run_cli(argv: list[str], monkeypatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["eval/convert.py", *argv])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "eval" / "convert.py"), run_name="__main__")
-    return info.value.code
+def run_cli(argv: list[str]) -> int:
+    """`racedit convert ARGV...`: its exit status."""
+    return main(["convert", *argv])
 
 
 # ------------------------------------------------------------------------------------ official DiT -> racedit
@@ -184,7 +178,7 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
-def test_a_pickle_carrying_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+def test_a_pickle_carrying_code_is_refused_and_runs_nothing(tmp_path):
     live = tmp_path / "proof.txt"
     pickle.loads(pickle.dumps(_Payload(live)))  # an unrestricted unpickler does run the payload
     assert live.exists()
@@ -199,7 +193,7 @@ def test_a_pickle_carrying_code_is_refused_and_runs_nothing(tmp_path, monkeypatc
             convert.load_dit_checkpoint(f)
         assert not marker.exists()
     out = tmp_path / "ckpt"
-    assert run_cli(["from-dit", str(zipped), "--out", str(out)], monkeypatch) == 2
+    assert run_cli(["from-dit", str(zipped), "--out", str(out)]) == 2
     assert not marker.exists() and not out.exists()
 
 
@@ -221,14 +215,13 @@ def standin_vae(tmp_path_factory) -> Path:
     return save_standin_vae(tmp_path_factory.mktemp("vae") / "vae")
 
 
-def test_from_dit_cli_then_sample_py(tmp_path, monkeypatch, standin_vae):
-    """Convert a .pt file with the script, then sample a grid from it with sample.py (3-channel guidance)."""
+def test_from_dit_cli_then_sample(tmp_path, standin_vae):
+    """`racedit convert from-dit` a .pt file, then `racedit sample` a grid from it (3-channel guidance)."""
     sd = official_state_dict(depth=2, hidden=32)
     f = tmp_path / "DiT-tiny.pt"
     torch.save(sd, f)
     out = tmp_path / "converted"
-    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2", "--vae", str(standin_vae)],
-                   monkeypatch) == 0
+    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2", "--vae", str(standin_vae)]) == 0
     ckpt = resolve_checkpoint(out)
     cfg = load_config_of(ckpt)
     assert cfg.data.kind == "latents" and cfg.data.latents == "" and cfg.data.vae == str(standin_vae)
@@ -236,12 +229,11 @@ def test_from_dit_cli_then_sample_py(tmp_path, monkeypatch, standin_vae):
     for which in ("ema", "model"):
         weights = load_weights(ckpt, which)
         assert all(torch.equal(weights[k], v) for k, v in sd.items())
-    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2"], monkeypatch) == 2  # never overwrites
+    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2"]) == 2  # never overwrites
 
-    from racedit.cli import sample_main
 
     grid = tmp_path / "grid.png"
-    assert sample_main(["--ckpt", str(out), "--classes", "1", "7", "--per-class", "2", "--steps", "2",
+    assert main(["sample", "--ckpt", str(out), "--classes", "1", "7", "--per-class", "2", "--steps", "2",
                         "--sampler", "ddpm", "--guidance-channels", "3", "--out", str(grid), "--device", "cpu",
                         "--quiet"]) == 0
     with Image.open(grid) as img:
@@ -341,7 +333,7 @@ def test_diffusers_bad_inputs(tmp_path):
         convert.to_diffusers_state_dict(moe)
 
 
-def test_diffusers_pipeline_in_and_out(tmp_path, monkeypatch, standin_vae):
+def test_diffusers_pipeline_in_and_out(tmp_path, standin_vae):
     """from-diffusers on a DiTPipeline directory, then to-diffusers: DiTPipeline loads and runs the export."""
     from diffusers import DDIMScheduler, DiTPipeline
 
@@ -350,12 +342,12 @@ def test_diffusers_pipeline_in_and_out(tmp_path, monkeypatch, standin_vae):
     theirs = tiny_diffusers()
     vae = load_autoencoder_kl(standin_vae)
     DiTPipeline(transformer=theirs, vae=vae, scheduler=DDIMScheduler(clip_sample=False)).save_pretrained(tmp_path / "pipe")
-    assert run_cli(["from-diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "ckpt")], monkeypatch) == 0
+    assert run_cli(["from-diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "ckpt")]) == 0
     cfg = load_config_of(resolve_checkpoint(tmp_path / "ckpt"))
     assert cfg.data.vae == str((tmp_path / "pipe" / "vae").resolve()) and cfg.model.timestep_freq_shift == 1.0
 
     with pytest.warns(UserWarning, match="guidance_scale=1"):  # 10 classes, not ImageNet's 1000
-        assert run_cli(["to-diffusers", str(tmp_path / "ckpt"), str(tmp_path / "export")], monkeypatch) == 0
+        assert run_cli(["to-diffusers", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")]) == 0
     assert {p.name for p in (tmp_path / "export").iterdir()} >= {"model_index.json", "transformer", "scheduler", "vae"}
     pipe = DiTPipeline.from_pretrained(tmp_path / "export")
     x, t, y = inputs()
@@ -374,18 +366,17 @@ def test_diffusers_pipeline_in_and_out(tmp_path, monkeypatch, standin_vae):
     assert pipe(class_labels=[2], num_inference_steps=1, guidance_scale=1.0, output_type="np").images.shape == (1, 64, 64, 3)
 
 
-def test_sample_with_vae_flag_overrides_the_configured_vae(tmp_path, standin_vae, monkeypatch):
-    """A converted checkpoint names the hub VAE (unreachable offline); `sample.py --vae DIR` decodes with a
+def test_sample_with_vae_flag_overrides_the_configured_vae(tmp_path, standin_vae):
+    """A converted checkpoint names the hub VAE (unreachable offline); `racedit sample --vae DIR` decodes with a
     local one instead."""
     f = tmp_path / "DiT-tiny.pt"
     torch.save(official_state_dict(depth=2, hidden=32), f)
     out = tmp_path / "converted"
-    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2"], monkeypatch) == 0
+    assert run_cli(["from-dit", str(f), "--out", str(out), "--num-heads", "2"]) == 0
     assert load_config_of(resolve_checkpoint(out)).data.vae == "stabilityai/sd-vae-ft-ema"
-    from racedit.cli import sample_main
 
     grid = tmp_path / "grid.png"
-    assert sample_main(["--ckpt", str(out), "--classes", "3", "--per-class", "1", "--steps", "2", "--sampler",
+    assert main(["sample", "--ckpt", str(out), "--classes", "3", "--per-class", "1", "--steps", "2", "--sampler",
                         "ddim", "--vae", str(standin_vae), "--out", str(grid), "--device", "cpu", "--quiet"]) == 0
     with Image.open(grid) as img:
         assert img.size == (64, 64)  # one 8 x 8 latent decoded by the local VAE (downsample 8); no padding

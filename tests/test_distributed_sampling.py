@@ -72,7 +72,7 @@ def test_two_processes_resume_and_match_a_single_process_run(tiny_checkpoint, tm
         write_samples_npz(loaded, None, out, scfg, seed=SEED + 1, batch_size=BATCH, per_class=PER_CLASS,
                           progress=False)
 
-    # 2. resumed by 2 CPU processes under accelerate launch
+    # 2. resumed by 2 CPU processes under `accelerate launch -m racedit sample` (the form the README shows)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # Retry only on transient rendezvous failures (port taken meanwhile; gloo's TCP store reset under heavy
     # load). A retry is itself a resume, so it does not weaken what the test checks.
@@ -80,7 +80,7 @@ def test_two_processes_resume_and_match_a_single_process_run(tiny_checkpoint, tm
     for _attempt in range(3):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(ROOT / "sample.py"), "--ckpt", str(tiny_checkpoint),
+               "--main_process_port", str(free_port()), "-m", "racedit", "sample", "--ckpt", str(tiny_checkpoint),
                "--per-class", str(PER_CLASS), "--seed", str(SEED), "--batch-size", str(BATCH), "--out", str(out),
                "--device", "cpu", "--quiet"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

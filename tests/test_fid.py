@@ -1,4 +1,4 @@
-"""FID math, Inception weights handling, and the whole eval/fid.py path on random-init Inception weights (offline).
+"""FID math, Inception weights handling, and the whole `racedit fid` path on random-init Inception weights (offline).
 
 The Inception network is torch-fidelity's, with random weights saved to a temp file and passed as
 --inception-weights. To keep CPU time low the extractor's resize target is patched from 299 to 75 (the
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
-import sys
 import warnings
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -20,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from racedit.cli import main
 from racedit.evaluation import fid as F
 from racedit.evaluation import inception as Inc
 from racedit.evaluation import metrics as M
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 64
 
 
@@ -143,7 +140,7 @@ def test_default_weights_without_network_fail_clearly(tmp_path, monkeypatch):
         Inc.resolve_inception_weights(None)
 
 
-# ------------------------------------------------------------------------------------ the eval/fid.py path
+# ------------------------------------------------------------------------------------ the racedit fid path
 
 
 @pytest.fixture(scope="module")
@@ -175,16 +172,14 @@ def _images(n, seed, size=16):
     return np.clip(base + rng.integers(-60, 60, (n, size, size, 3)), 0, 255).astype(np.uint8)
 
 
-def _run_eval_script(argv, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["eval/fid.py", *map(str, argv)])
+def run_fid(argv) -> int:
+    """`racedit fid ARGV...`: its exit status."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not torch-fidelity's weights.*")
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(ROOT / "eval" / "fid.py"), run_name="__main__")
-    return exit_info.value.code
+        return main(["fid", *map(str, argv)])
 
 
-def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_path, monkeypatch, capsys):
+def test_racedit_fid_npz_folder_and_adm_reference(inception_weights, tmp_path, capsys):
     images = _images(N, 0)
     meta = {"checkpoint": "runs/x/checkpoints/step_0400000", "step": 400000, "weights": "ema", "model": "DiT-XL/2",
             "sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "guidance_channels": "all", "per_device_batch": 32,
@@ -196,7 +191,7 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     for i, im in enumerate(images):
         Image.fromarray(im).save(folder / f"{i:05d}.png")
 
-    # 1. statistics of the samples (library call), as `eval/fid.py samples.npz --save-stats` writes them
+    # 1. statistics of the samples (library call), as `racedit fid samples.npz --save-stats` writes them
     stats = tmp_path / "stats.npz"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not torch-fidelity's weights.*")
@@ -217,8 +212,8 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     adm = tmp_path / "VIRTUAL_test_labeled.npz"
     np.savez(adm, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=np.zeros(d_s), sigma_s=np.eye(d_s))
     out_json = tmp_path / "adm.json"
-    assert _run_eval_script([samples, "--ref", adm, "--inception-weights", inception_weights, "--kid",
-                             "--out", out_json, "--quiet"], monkeypatch) == 0
+    assert run_fid([samples, "--ref", adm, "--inception-weights", inception_weights, "--kid",
+                    "--out", out_json, "--quiet"]) == 0
     screen = capsys.readouterr().out
     r = json.loads(out_json.read_text())
     m = r["metrics"]
@@ -245,8 +240,7 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
         assert word in screen, word
 
     # 3. the same images as a folder of PNGs, against the racedit stats file: identical features
-    assert _run_eval_script([folder, "--ref", stats, "--inception-weights", inception_weights, "--quiet"],
-                            monkeypatch) == 0
+    assert run_fid([folder, "--ref", stats, "--inception-weights", inception_weights, "--quiet"]) == 0
     r = json.loads((tmp_path / "samples_png.fid.json").read_text())
     assert r["samples"]["format"] == "folder" and r["samples"]["count"] == N
     assert r["reference"]["kind"] == "racedit_stats" and r["sampling"] is None
@@ -256,16 +250,16 @@ def test_eval_fid_script_npz_folder_and_adm_reference(inception_weights, tmp_pat
     assert not any("different feature spaces" in n for n in r["notes"])
 
 
-def test_eval_fid_script_errors(inception_weights, tmp_path, monkeypatch, capsys):
+def test_racedit_fid_errors(inception_weights, tmp_path, capsys):
     floats = tmp_path / "float.npz"
     np.savez(floats, arr_0=np.zeros((4, 8, 8, 3), np.float32))
-    assert _run_eval_script([floats, "--ref", floats, "--inception-weights", inception_weights], monkeypatch) == 2
+    assert run_fid([floats, "--ref", floats, "--inception-weights", inception_weights]) == 2
     assert "uint8 images (N, H, W, 3)" in capsys.readouterr().err
     wrong = tmp_path / f"weights-inception-2015-12-05-{Inc.INCEPTION_SHA256_PREFIX}.pth"
     wrong.write_bytes(inception_weights.read_bytes())  # the name promises torch-fidelity's hash
     good = tmp_path / "good.npz"
     np.savez(good, arr_0=_images(4, 0))
-    assert _run_eval_script([good, "--ref", good, "--inception-weights", wrong], monkeypatch) == 2
+    assert run_fid([good, "--ref", good, "--inception-weights", wrong]) == 2
     assert "does not start with 6726825d" in capsys.readouterr().err
 
 

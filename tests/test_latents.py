@@ -252,7 +252,7 @@ def test_config_and_missing_latents_errors(store, tmp_path):
     with pytest.raises(ConfigError, match="data.latents"):
         load_config(None, ["data.kind=latents"])
     cfg = load_config(None, ["data.kind=latents", f"data.latents={tmp_path / 'none'}"])
-    with pytest.raises(ConfigError, match="extract_latents"):
+    with pytest.raises(ConfigError, match="racedit extract-latents"):
         build_training_data(cfg)
 
 

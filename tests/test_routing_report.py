@@ -1,4 +1,4 @@
-"""eval/routing_report.py on a tiny Expert Race checkpoint: every figure written, every file a valid PNG."""
+"""`racedit routing-report` on a tiny Expert Race checkpoint: every figure written, every file a valid PNG."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from racedit.checkpoint import save_checkpoint
+from racedit.cli import main
 from racedit.diffusion.objectives import DDPMObjective
-from racedit.evaluation.routing_report import FIGURES, SUMMARY, collect_routing_stats, main
+from racedit.evaluation.routing_report import FIGURES, SUMMARY, collect_routing_stats
 from racedit.models import create_model
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
@@ -36,8 +37,8 @@ def tiny_checkpoint(tiny_config, tmp_path):
 
 def test_routing_report_writes_every_figure_as_a_valid_png(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["--ckpt", str(tiny_checkpoint), "--out", str(out), "--timesteps", "4", "--per-class", "2",
-                 "--batch-size", "8"]) == 0
+    assert main(["routing-report", "--ckpt", str(tiny_checkpoint), "--out", str(out), "--timesteps", "4",
+                 "--per-class", "2", "--batch-size", "8", "--no-ema", "--device", "cpu", "--quiet"]) == 0
     assert "6 figures" in capsys.readouterr().out
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted([*FIGURES.values(), SUMMARY])
@@ -52,6 +53,7 @@ def test_routing_report_writes_every_figure_as_a_valid_png(tiny_checkpoint, tmp_
     for name in FIGURES.values():
         assert f"]({name})" in summary
     assert "| block | tau |" in summary and "RaceDiT-S/2-2in8" in summary and "step 3" in summary
+    assert "(model weights, step 3)" in summary  # --no-ema: the live weights
     # the tau column is the checkpoint's stored threshold of each block (model and EMA states are equal here)
     stored = load_file(tiny_checkpoint / "ema.safetensors")
     for block in range(2):

@@ -1,4 +1,4 @@
-"""sample.py end to end on a tiny checkpoint: PNG grids, ADM-format npz, and clear errors for bad checkpoints."""
+"""`racedit sample` end to end on a tiny checkpoint: PNG grids, ADM-format npz, and clear errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_config
 from PIL import Image
 
-from racedit.cli import sample_main
+from racedit.cli import main
 from racedit.sampling import to_uint8_nhwc
 from racedit.training.loop import train
 
@@ -69,7 +69,7 @@ def test_to_uint8_nhwc_keeps_rgb_channel_order():
 
 def test_grid_png(run_dir, tmp_path):
     out = tmp_path / "grid.png"
-    rc = sample_main(["--ckpt", str(run_dir / "checkpoints" / "last"), "--classes", "1", "3", "7", "--per-class",
+    rc = main(["sample", "--ckpt", str(run_dir / "checkpoints" / "last"), "--classes", "1", "3", "7", "--per-class",
                       "4", "--steps", "2", "--sampler", "ddim", "--cfg-scale", "3.0", "--out", str(out),
                       "--device", "cpu"])
     assert rc == 0
@@ -83,7 +83,7 @@ def test_grid_png(run_dir, tmp_path):
 
 def test_default_grid_is_one_row_per_class(run_dir, tmp_path):
     out = tmp_path / "all.png"
-    assert sample_main(["--ckpt", str(run_dir), "--per-class", "2", "--steps", "1", "--sampler", "ddim",
+    assert main(["sample", "--ckpt", str(run_dir), "--per-class", "2", "--steps", "1", "--sampler", "ddim",
                         "--out", str(out), "--device", "cpu"]) == 0
     with Image.open(out) as img:
         assert img.size == grid_size(20, nrow=2, side=8)  # 10 classes x 2
@@ -93,7 +93,7 @@ def test_npz_is_adm_format_with_metadata(run_dir, tmp_path):
     out = tmp_path / "samples.npz"
     args = ["--ckpt", str(run_dir), "--num-samples", "7", "--batch-size", "4", "--steps", "2", "--sampler", "ddim",
             "--cfg-scale", "1.5", "--seed", "3", "--out", str(out), "--device", "cpu"]
-    assert sample_main(args) == 0
+    assert main(["sample", *args]) == 0
     with np.load(out) as f:
         arr, labels, meta = f["arr_0"], f["labels"], json.loads(str(f["metadata"]))
     assert arr.dtype == np.uint8 and arr.shape == (7, 8, 8, 3)
@@ -104,7 +104,7 @@ def test_npz_is_adm_format_with_metadata(run_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, nothing left behind
     # the same seed gives the same samples
     again = tmp_path / "again.npz"
-    assert sample_main([*args[:-3], str(again), "--device", "cpu"]) == 0
+    assert main(["sample", *args[:-3], str(again), "--device", "cpu"]) == 0
     with np.load(again) as f:
         assert np.array_equal(f["arr_0"], arr) and np.array_equal(f["labels"], labels)
 
@@ -126,7 +126,7 @@ def test_sample_py_script_runs(run_dir, tmp_path, monkeypatch):
 
 
 def run_error(capsys, args: list[str]) -> str:
-    rc = sample_main([*args, "--device", "cpu"])
+    rc = main(["sample", *args, "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err
@@ -175,7 +175,7 @@ def test_checkpoint_with_missing_or_damaged_weights(capsys, run_dir, tmp_path):
     (ckpt / "ema.safetensors").unlink()
     err = run_error(capsys, ["--ckpt", str(ckpt), "--out", str(tmp_path / "g.png")])
     assert "ema.safetensors" in err and "missing" in err
-    assert sample_main(["--ckpt", str(ckpt), "--no-ema", "--classes", "2", "--per-class", "1", "--steps", "1",
+    assert main(["sample", "--ckpt", str(ckpt), "--no-ema", "--classes", "2", "--per-class", "1", "--steps", "1",
                         "--sampler", "ddim", "--out", str(tmp_path / "live.png"), "--device", "cpu"]) == 0
     model = ckpt / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])  # truncated
@@ -190,5 +190,5 @@ def test_bad_class_and_sampler(capsys, run_dir, tmp_path):
                              str(tmp_path / "g.png")])
     assert "euler" in err and "ddpm" in err
     with pytest.raises(SystemExit) as info:  # argparse: --num-samples needs an .npz
-        sample_main(["--ckpt", str(run_dir), "--num-samples", "2", "--out", str(tmp_path / "x.png")])
+        main(["sample", "--ckpt", str(run_dir), "--num-samples", "2", "--out", str(tmp_path / "x.png")])
     assert info.value.code == 2

@@ -7,23 +7,19 @@ outputs zeros, which would hide any difference).
 from __future__ import annotations
 
 import math
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from racedit import interop as convert
 from racedit.checkpoint import load_config_of, resolve_checkpoint, save_checkpoint
-from racedit.cli import sample_main
+from racedit.cli import main
 from racedit.config import load_config
 from racedit.interop import ConversionError
 from racedit.models import create_model
 from racedit.models.records import ForwardRecord
 from racedit.models.upcycle import UpcycleError
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=4, num_classes=10)
 
 
@@ -152,8 +148,8 @@ def test_bad_targets_are_named():
         convert.upcycle(dense, "RaceDiT-S/2-2in8", experts=8)
 
 
-def test_upcycle_cli_then_sample(tmp_path, monkeypatch):
-    """A dense digits checkpoint -> `eval/convert.py upcycle` -> a MoE checkpoint that sample.py samples."""
+def test_upcycle_cli_then_sample(tmp_path):
+    """A dense digits checkpoint -> `racedit convert upcycle` -> a MoE checkpoint that `racedit sample` samples."""
     from conftest import TINY as TINY_RUN
 
     cfg = load_config(None, [*TINY_RUN, f"train.out_dir={tmp_path / 'run'}"])
@@ -161,15 +157,12 @@ def test_upcycle_cli_then_sample(tmp_path, monkeypatch):
     state = dense.state_dict()
     save_checkpoint(tmp_path / "dense", 0, model_state=state, ema_state=state, train_state={"step": 0}, config=cfg)
     out = tmp_path / "race"
-    monkeypatch.setattr(sys, "argv", ["eval/convert.py", "upcycle", str(tmp_path / "dense"), "--to", "RaceDiT-S/2-2in8",
-                                      "--out", str(out), "--noise-std", "0", "--set", "model.gating=sigmoid"])
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "eval" / "convert.py"), run_name="__main__")
-    assert info.value.code == 0
+    assert main(["convert", "upcycle", "--ckpt", str(tmp_path / "dense"), "--to", "RaceDiT-S/2-2in8", "--out", str(out),
+                 "--noise-std", "0", "--set", "model.gating=sigmoid"]) == 0
     saved = load_config_of(resolve_checkpoint(out)).model
     assert (saved.name, saved.moe_k, saved.moe_experts, saved.gating) == ("RaceDiT-S/2-2in8", 2, 8, "sigmoid")
     assert (saved.depth, saved.hidden_size) == (2, 32)
-    assert sample_main(["--ckpt", str(out), "--classes", "3", "--per-class", "2", "--steps", "2", "--sampler", "ddim",
+    assert main(["sample", "--ckpt", str(out), "--classes", "3", "--per-class", "2", "--steps", "2", "--sampler", "ddim",
                         "--out", str(tmp_path / "grid.png"), "--device", "cpu", "--quiet"]) == 0
     assert convert.parse_model_overrides(["model.routing=token_choice", "model.threshold_decay=0.9"]) == {
         "routing": "token_choice", "threshold_decay": 0.9}

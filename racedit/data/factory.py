@@ -149,7 +149,7 @@ def build_codec(cfg: Config, vae: str | None = None) -> Codec:
         manifest = read_manifest(d.latents)
     except LatentStoreError as e:
         if override is None:
-            raise ConfigError(f"cannot decode latents: {e}; name the VAE yourself (sample.py --vae ID_OR_DIR, "
+            raise ConfigError(f"cannot decode latents: {e}; name the VAE yourself (racedit sample --vae ID_OR_DIR, "
                               f"or data.vae=ID_OR_DIR)") from None
         return AutoencoderKLCodec(override)
     if override is None:

@@ -42,9 +42,9 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         if Path(root).is_dir() and any(Path(root).glob("shard-*")):
             raise LatentStoreError(f"{root} has no {MANIFEST}: its extraction did not finish. Re-run the same "
-                                   f"eval/extract_latents.py command to complete it (finished shards are kept)")
+                                   f"racedit extract-latents command to complete it (finished shards are kept)")
         raise LatentStoreError(f"{root} is not a latent directory (no {MANIFEST}); make one with "
-                               f"eval/extract_latents.py --data IMAGE_ROOT --vae VAE --out {root}")
+                               f"racedit extract-latents --data IMAGE_ROOT --vae VAE --out {root}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise LatentStoreError(f"{path}: format {manifest.get('format')!r}, this racedit reads {FORMAT!r}")

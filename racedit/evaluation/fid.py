@@ -28,12 +28,10 @@ Letters: N images, H x W image size, F feature width (2048 for pool_3).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime
 import json
 import math
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ from racedit.evaluation.metrics import (
     precision_recall,
 )
 from racedit.fileio import atomic_path, atomic_write_text
-from racedit.npz import NpzError, NpzImages, read_npz_metadata
+from racedit.npz import NpzImages, read_npz_metadata
 
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -276,11 +274,11 @@ class EvalSettings:
 def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str | Path | None = None,
              settings: EvalSettings | None = None, save_stats_path: str | Path | None = None,
              stats_max_features: int = 10000, progress: bool = True) -> dict:
-    """Everything `eval/fid.py` computes, as the JSON-able report (see `format_report`).
+    """Everything `racedit fid` computes, as the JSON-able report (see `format_report`).
 
     samples: ADM-format .npz or a folder of images. ref: see `load_reference`, or None (then only IS, and
     `save_stats_path` if given). The report holds the metrics and the full evaluation config: sample count,
-    reference, feature extractor and weights hash, and the sampling metadata sample.py stored in the npz.
+    reference, feature extractor and weights hash, and the sampling metadata `racedit sample` stored in the npz.
     """
     s = settings or EvalSettings()
     images = open_images(samples)  # check the inputs before loading the network
@@ -350,7 +348,7 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
             report["notes"].append("precision/recall and KID need reference images or stored features; "
                                    "the reference has only mu/sigma")
     if sampling is None:
-        report["notes"].append("no sampling metadata: the samples did not come from racedit's sample.py")
+        report["notes"].append("no sampling metadata: the samples did not come from `racedit sample`")
     return report
 
 
@@ -370,7 +368,7 @@ _SAMPLING_SHOWN = ("checkpoint", "step", "weights", "model", "sampler", "steps",
 def format_report(report: dict) -> str:
     """The screen version of the report: numbers first, then the evaluation config."""
     m = report["metrics"]
-    lines = [f"== {report['label']} (racedit eval/fid.py) =="]
+    lines = [f"== {report['label']} (racedit fid) =="]
     if "fid" in m:
         lines.append(f"  FID        {m['fid']:.4f}")
     if "sfid" in m:
@@ -406,52 +404,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """eval/fid.py: FID / sFID / IS / precision / recall (/ KID) of SAMPLES against REF; prints and writes one JSON."""
-    parser = argparse.ArgumentParser(
-        prog="eval/fid.py",
-        description="FID, sFID, Inception Score, precision/recall (and KID) with torch-fidelity's TF-compatible "
-                    "Inception, comparable with the ADM evaluator. See docs/fid.md.")
-    parser.add_argument("samples", help="ADM-format .npz (uint8 NHWC arr_0, as sample.py writes) or a folder of images")
-    parser.add_argument("--ref", default=None,
-                        help="ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz: its stored mu/sigma for FID, "
-                             "its images for precision/recall), a folder of images, or a --save-stats file")
-    parser.add_argument("--inception-weights", default=None, metavar="PATH",
-                        help="local Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); "
-                             "default: download it into the torch hub cache once")
-    parser.add_argument("--out", default=None, help="JSON report (default: SAMPLES with suffix .fid.json)")
-    parser.add_argument("--save-stats", default=None, metavar="PATH",
-                        help="also write the statistics of SAMPLES (mu, sigma, features) for later use as --ref")
-    parser.add_argument("--stats-features", type=int, default=10000,
-                        help="with --save-stats: how many features to keep for precision/recall (0 = none)")
-    parser.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--kid", action="store_true", help="also compute KID (needs reference images or features)")
-    parser.add_argument("--no-prc", action="store_true", help="skip precision/recall")
-    parser.add_argument("--isc-splits", type=int, default=10)
-    parser.add_argument("--prc-k", type=int, default=3, help="k of the k-NN manifold estimate (ADM: 3)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.ref is None and args.save_stats is None:
-        parser.error("give --ref REF (to compute FID) and/or --save-stats PATH")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = EvalSettings(batch_size=args.batch_size, device=device, isc_splits=args.isc_splits,
-                            prc=not args.no_prc, prc_k=args.prc_k, kid=args.kid, num_samples=args.num_samples)
-    try:
-        report = evaluate(args.samples, args.ref, args.inception_weights, settings, save_stats_path=args.save_stats,
-                          stats_max_features=args.stats_features, progress=not args.quiet)
-    except (EvaluationError, NpzError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = save_report(report, Path(args.out) if args.out else _default_report_path(Path(args.samples)))
-    print(format_report(report))
-    if report.get("saved_stats"):
-        print(f"  stats      {report['saved_stats']}")
-    print(f"  report     {out}")
-    return 0
-
-
 def save_report(report: dict, path: str | Path) -> Path:
     """Write `evaluate`'s report as JSON (non-finite numbers as strings, so the file stays valid JSON)."""
     path = Path(path)
@@ -460,8 +412,9 @@ def save_report(report: dict, path: str | Path) -> Path:
     return path
 
 
-def _default_report_path(samples: Path) -> Path:
-    samples = samples.resolve()
+def default_report_path(samples: str | Path) -> Path:
+    """Where `racedit fid` writes its report without --out: beside SAMPLES, suffix .fid.json."""
+    samples = Path(samples).resolve()
     return samples.with_name((samples.stem if samples.suffix == ".npz" else samples.name) + ".fid.json")
 
 

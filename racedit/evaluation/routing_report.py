@@ -1,6 +1,6 @@
-"""Routing report of a checkpoint: expert-usage figures and a markdown summary (`eval/routing_report.py`).
+"""Routing report of a checkpoint: expert-usage figures and a markdown summary (`racedit routing-report`).
 
-    python eval/routing_report.py --ckpt runs/x/checkpoints/last [--out dir]
+    racedit routing-report --ckpt runs/x/checkpoints/last [--out dir]
 
 The model (EMA weights by default, eval mode, so Expert Race selects with the learned per-layer threshold
 and every sample is routed independently of its batch) runs over a fixed set of noised inputs: `per_class`
@@ -23,7 +23,6 @@ Letters: T report timesteps, n images, L tokens per image, E experts, Y MoE laye
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import warnings
@@ -439,33 +438,3 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
         header["threshold"] = loaded.threshold_calibration.summary()
     paths["summary"] = write_summary(stats, out / SUMMARY, header)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Expert-usage figures and a markdown summary of a MoE checkpoint's routing.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory, `last`, or a run directory")
-    parser.add_argument("--out", default=None,
-                        help="output directory (default: <run dir>/routing_report/<checkpoint name>)")
-    parser.add_argument("--timesteps", type=int, default=10, help="evenly spaced timesteps (default 10)")
-    parser.add_argument("--classes", type=int, nargs="*", default=None,
-                        help="class labels (default: all classes if at most 10, else 10 evenly spaced)")
-    parser.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and the noise")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to load")
-    parser.add_argument("--calibrate-threshold", type=int, default=0, metavar="N",
-                        help="recalibrate the inference threshold of the loaded weights on N training batches first")
-    parser.add_argument("--calibration-batch", type=int, default=None,
-                        help="batch size of --calibrate-threshold (default: the config's train.global_batch)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.timesteps < 1 or args.per_class < 1 or args.batch_size < 1:
-        parser.error("--timesteps, --per-class and --batch-size must be >= 1")
-    paths = routing_report(args.ckpt, args.out, timesteps=args.timesteps, classes=args.classes,
-                           per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
-                           device=args.device, use_ema=args.weights == "ema",
-                           calibrate_threshold=args.calibrate_threshold, calibration_batch=args.calibration_batch,
-                           progress=True)
-    print(f"routing report: {len(paths) - 1} figures and {paths['summary'].name} in {paths['summary'].parent}")
-    return 0

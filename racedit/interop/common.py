@@ -116,7 +116,7 @@ def converted_config(model_cfg: ModelConfig, vae: str = DEFAULT_VAE, diffusion: 
 
     data.kind=latents with no latent directory and data.vae naming the decoder (a hub id or a local
     directory); diffusion: DDPM, 1000 linear betas 1e-4..0.02 (DiT's); sampling: DDPM, 250 steps, CFG 4.0
-    on all channels (`sample.py --guidance-channels 3` gives DiT's legacy 3-channel guidance).
+    on all channels (`racedit sample --guidance-channels 3` gives DiT's legacy 3-channel guidance).
     """
     cfg = Config(model=model_cfg, diffusion=diffusion or DiffusionConfig(),
                  data=DataConfig(kind="latents", latents="", vae=str(vae)),

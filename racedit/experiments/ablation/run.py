@@ -4,12 +4,9 @@ and write the report. Fairness and resumability rules are in `racedit.experiment
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any
 import yaml
 
 from racedit.checkpoint import latest_checkpoint
-from racedit.config import Config, ConfigError, to_yaml
+from racedit.config import Config, to_yaml
 from racedit.evaluation.digits import evaluate_digits_model
 from racedit.evaluation.fid import EvalSettings, evaluate, save_report
 from racedit.experiments.ablation.grid import (
@@ -34,7 +31,6 @@ from racedit.experiments.ablation.grid import (
 )
 from racedit.experiments.ablation.report import (
     format_number,
-    human_count,
     last_values,
     loss_curve,
     routing_columns,
@@ -232,49 +228,3 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         log(f"[{grid.name}] {len(rows)} of {len(grid.variants)} variants finished; "
             f"report in {result.files['md']}")
     return result
-
-
-# ----------------------------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eval/ablate.py", description="Train and compare the variants of an ablation "
-                                "grid; writes results.csv, results.md and PNG plots.")
-    p.add_argument("--grid", required=True, help="grid YAML (configs/ablations/*.yaml)")
-    p.add_argument("--out", default=None, help="output directory (default: the grid's out_dir)")
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every variant (repeatable), e.g. --set data.latents=latents/in256")
-    p.add_argument("--only", nargs="+", default=None, help="run only these variants")
-    p.add_argument("--fid-ref", default=None, help="FID reference (overrides the grid's eval.ref)")
-    p.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for tiny "
-                   "models on a busy CPU)")
-    p.add_argument("--list", action="store_true", help="print the variants, their overrides and MACs; train nothing")
-    args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        grid = load_grid(args.grid)
-        if args.fid_ref:
-            grid.eval = replace(grid.eval, ref=args.fid_ref)
-        if args.list:
-            configs = resolve_variants(grid, args.out, args.extra)
-            for name, cfg in configs.items():
-                acc = variant_accounting(cfg)
-                print(f"{name:28s} MACs {human_count(acc['macs']):>7s}  act. params {human_count(acc['params_activated']):>7s}"
-                      f"  {' '.join(grid.variant(name).overrides)}")
-            check_compute(grid, {n: variant_accounting(c) for n, c in configs.items()})
-            return 0
-        command = "python eval/ablate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                               else sys.argv[1:]))
-        result = run_grid(grid, args.out, args.extra, only=args.only, device=args.device, command=command)
-    except (GridError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    done = sum(s in ("skipped", "trained", "resumed") for s in result.status.values())
-    lost = f", {len(result.diverged)} diverged ({', '.join(result.diverged)})" if result.diverged else ""
-    print(f"{grid.name}: {done} of {len(grid.variants)} variants finished{lost} in {result.seconds / 60:.1f} min "
-          f"-> {result.out_dir}")
-    return 0
