@@ -17,7 +17,7 @@ from racedit.config import ConfigError, log_with_names
 from racedit.fileio import atomic_path
 
 
-def trackers(log_with: Any, out_dir: str | Path) -> list:
+def trackers(log_with: Any, out_dir: str | Path) -> list | None:
     """The Accelerator's `log_with` for `train.log_with`: accelerate's tracker names, TensorBoard as an
     instance of accelerate's tracker writing to `<out_dir>/tensorboard/` (given by name, it would write to
     `<logging_dir>/<project name>/`). Nothing is imported here: each tracker imports its package when started.
@@ -34,7 +34,7 @@ def trackers(log_with: Any, out_dir: str | Path) -> list:
                               f"which is not installed (or not a version accelerate supports): pip install {name}, "
                               "or set train.log_with=none")
         out.append(TensorBoardTracker("", str(Path(out_dir) / "tensorboard")) if name == "tensorboard" else name)
-    return out
+    return out or None  # None, not []: accelerate warns that an empty list found no tracker installed
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict[str, Any]:
