@@ -1,7 +1,8 @@
 """FID, sFID, Inception Score, KID and precision/recall comparable with the ADM evaluator: references,
 statistics files, `evaluate` and its report (the library behind `racedit fid`).
 
-Protocol (docs/fid.md):
+Protocol (docs/fid.md; it follows the ADM evaluator of Dhariwal & Nichol, arXiv 2105.05233,
+`evaluations/evaluator.py` in openai/guided-diffusion):
 
 - Features come from torch-fidelity's `FeatureExtractorInceptionV3`, the TF-compatible port of the TF Inception
   graph the ADM evaluator runs: uint8 input, TF1 bilinear resize to 299, (x - 128) / 128, pool_3 features
@@ -12,9 +13,9 @@ Protocol (docs/fid.md):
   computed from the reference images. `frechet_distance` is the single implementation, also used by the digits
   metrics.
 - sFID: the same Fréchet distance on ADM's spatial features `mixed_6/conv:0[..., :7]`: the 1x1 branch of the
-  fourth 17x17 block (Mixed_6d), after BN + ReLU, channels 0-6, flattened in (h, w, c) order (2023-d at 299 px),
-  against the reference's `mu_s` / `sigma_s`. The layer follows the reference notes' reading of the TF graph;
-  it has not been checked against the TF evaluator here (no network).
+  fourth 17x17 block (Mixed_6d), after BN + ReLU, channels 0-6, flattened in (height, width, channel) order
+  (2023-d at 299 px), against the reference's `mu_s` / `sigma_s`. The layer is our reading of the TF graph the
+  ADM evaluator runs; it has not been checked against the TF evaluator here (no network).
 - Inception Score: 10 consecutive splits of the samples, no shuffling (ADM: splits of 5000, i.e. 10 for 50K).
 - Precision / recall: the k-NN manifold estimate (Kynkäänniemi et al. 2019, k = 3) on pool_3 features against
   the reference images (ADM: its 10K reference images), via torch-fidelity's implementation.
@@ -23,7 +24,7 @@ Protocol (docs/fid.md):
   carrying a torch.hub hash suffix (`...-6726825d.pth`: the leading hex digits of the file's SHA-256) is checked;
   the full SHA-256 goes into the report.
 
-Letters: N images, H x W image size, F feature width (2048 for pool_3).
+Letters (docs/method/README.md): n_img images, H_img x W_img image size, F feature width (2048 for pool_3).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def combination_usage_from_counts(co: torch.Tensor, mass: float = COMB_MASS) -> 
     """Combination usage (%) from co-activation counts (E, E), a 0-d float64 tensor.
 
     The pair counts C_ij (i < j) sorted descending, the smallest number of pairs whose counts reach `mass` of
-    the total, as a percentage of all E(E-1)/2 pairs (reference notes section 10; Race-DiT Fig. 13).
+    the total, as a percentage of all E(E-1)/2 pairs (Race-DiT §11, Fig. 13; docs/method/losses.md).
     Higher means more diverse expert combinations. NaN when no token has two experts.
     """
     pairs = _pair_counts(co)
