@@ -15,7 +15,7 @@ Pure tensor functions (tested on hand-built masks) plus `routing_diagnostics`, w
 Timestep bins split the normalised timestep t/T (ddpm; flow: t) in [0, 1] into equal parts; bin 0 is the
 cleanest, the last bin the noisiest. Tokens are (b, l) row-major, so token n belongs to image n // L.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts.
 """
 
 from __future__ import annotations
