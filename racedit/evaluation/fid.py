@@ -68,7 +68,7 @@ from racedit.npz import NpzError, NpzImages, read_npz_metadata
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 class FolderImages:
-    """The image files under a folder (recursively, sorted by path), read as RGB uint8 (H, W, 3)."""
+    """The image files under a folder (recursively, sorted by path), read as RGB uint8 (H_img, W_img, 3)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -142,7 +142,7 @@ class Reference:
     kind: str  # adm_npz | racedit_stats | npz_images | folder
     mu: np.ndarray
     sigma: np.ndarray
-    stats_source: str  # "stored mu/sigma" or "computed from N images"
+    stats_source: str  # "stored mu/sigma" or "computed from n_img images"
     features: torch.Tensor | None = None
     num_images: int | None = None  # reference images (arr_0 / folder), if any
     metadata: dict | None = None
@@ -216,9 +216,9 @@ def _reference_from_images(p: Path, images, kind: str, extractor, batch_size: in
 def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: InceptionWeights,
                max_features: int = 10000, spatial: torch.Tensor | None = None,
                statistics: tuple | None = None) -> Path:
-    """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (N, 2048), the first
+    """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (n_img, 2048), the first
     `max_features` features themselves (for precision/recall; 0 = none), mu_s, sigma_s of the sFID
-    features (N, D) when `spatial` is given, and JSON metadata. `statistics`, (mu, sigma, mu_s, sigma_s)
+    features (n_img, 2023) when `spatial` is given, and JSON metadata. `statistics`, (mu, sigma, mu_s, sigma_s)
     already computed from these features, saves computing them again."""
     mu, sigma, mu_s, sigma_s = statistics if statistics is not None else (*gaussian_statistics(features),
                                                                          None, None)
@@ -270,7 +270,7 @@ class EvalSettings:
     kid: bool = False
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    num_samples: int | None = None  # evaluate only the first N samples
+    num_samples: int | None = None  # evaluate only the first n_img samples
     extra: dict = field(default_factory=dict)
 
 
