@@ -9,11 +9,11 @@ Pure tensor functions (tested on hand-built masks) plus `routing_diagnostics`, w
 | `routing/comb` | combination usage (%), mean over the MoE layers where some token has two experts |
 | `routing/zero_expert_frac` | fraction of tokens that got no expert, mean over MoE layers |
 | `routing/experts_per_token` | mean experts per token over tokens and MoE layers |
-| `routing/experts_per_token/t_binB` | the same for the tokens of images whose timestep falls in bin B of 10 |
+| `routing/experts_per_token/t_bin<b>` | the same for the tokens of images whose timestep falls in bin b of 10 |
 | `norms/attn/block_XX`, `norms/ff/block_XX` | mean per-token norm of what the block's attention / feed-forward branch adds to the residual (gate included) |
 
 Timestep bins split the normalised timestep t/T (ddpm; flow: t) in [0, 1] into equal parts; bin 0 is the
-cleanest, the last bin the noisiest. Tokens are (b, l) row-major, so token n belongs to image n // L.
+cleanest, the last bin the noisiest. Tokens are (b, l) row-major, so token i belongs to image i // L.
 
 Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts.
 """
