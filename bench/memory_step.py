@@ -5,15 +5,16 @@
     python bench/memory_step.py --keys 256 --kinds ultramemv2     # a larger table, one kind (RAM: 16 B per table number)
     python bench/memory_step.py --slots-read runs/digits-ultramemv2  # rows one training batch reads: fresh vs trained
 
-Every memory model has a memory layer in every block and the same table: S = keys^2 slots of D = 384
-numbers each (pkm: values D wide; ultramem: Dv = D, E = 4; ultramemv2: Dp + Dv = D/4 + 3D/4, Dk from
+Every memory model has a memory layer in every block and the same table: n_slot = keys^2 slots of D = 384
+numbers each (pkm: values D wide; ultramem: Dv = D, n_blk = 4; ultramemv2: Dp + Dv = D/4 + 3D/4, Dk from
 the 17% memory share), and reads `--topk` slots per token. Columns: parameters (total / activated per
 token), the tables alone, forward MACs per image and the memory share of them, train-step time
 (forward with a ForwardRecord + backward + AdamW, medians of interleaved rounds, as bench/moe_step.py),
 peak memory (a fresh subprocess's peak RSS on CPU, the CUDA allocator peak on GPU) and the fraction of
-each layer's slots a step reads (the point of the notes: a DiT batch reads nearly every slot).
+each layer's slots a step reads (a DiT batch reads most of a table's slots; docs/memory.md).
 
-Letters: B images per step, T = 256 tokens per image (32x32x4 latents, patch 2), D = 384, S slots per layer.
+Letters (docs/method/README.md): B images per step, L = 256 tokens per image (32x32x4 latents, patch 2),
+D = 384, n_slot slots per layer, n_blk implicit-value-expansion blocks.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ the peak resident set of a fresh subprocess running two train steps of one model
 torch.cuda.max_memory_allocated (GPU). When CUDA is available, a second table gives bf16-autocast
 images/s of DiT-B/2 against RaceDiT-B/2-4in32.
 
-Letters: B images per step, L tokens per image, D width, E experts, k experts per token on average.
+Letters (docs/method/README.md): B images per step, L tokens per image, D width, E experts, k experts per
+token on average.
 """
 
 from __future__ import annotations

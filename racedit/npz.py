@@ -1,7 +1,7 @@
 """Streaming npz/npy reading and writing for image batches too large for memory (the ADM format: uint8 NHWC
 `arr_0`, plus `labels` and a JSON `metadata` string).
 
-Letters: N images, H x W image size.
+Letters (docs/method/README.md): n_img images, H_img x W_img image size, B images of one batch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class NpzError(ValueError):
 
 
 class NpzImages:
-    """uint8 images (N, H, W, 3) stored as `key` (default arr_0) of an .npz, read in batches without loading all.
+    """uint8 images (n_img, H_img, W_img, 3) stored as `key` (default arr_0) of an .npz, read in batches
+    without loading all.
 
     The member is streamed out of the zip (stored or deflated), so a 50K x 256 x 256 x 3 batch (9.8 GB) never
     has to fit in memory.
@@ -105,9 +106,9 @@ def _npy_entry(zf: zipfile.ZipFile, name: str):
 
 def write_image_npz(path: str | Path, batches: Iterable[np.ndarray], image_shape: tuple[int, ...],
                     labels: np.ndarray, metadata: dict) -> Path:
-    """Stream uint8 image batches (b, H, W, 3), in order, into an ADM-format npz at `path`, atomically:
-    `arr_0` (N, H, W, 3) with N = len(labels), `labels` (N,) int64 and `metadata` (a JSON string). Only one
-    batch is in memory at a time, and the same arrays always give the same file bytes."""
+    """Stream uint8 image batches (B, H_img, W_img, 3), in order, into an ADM-format npz at `path`,
+    atomically: `arr_0` (n_img, H_img, W_img, 3) with n_img = len(labels), `labels` (n_img,) int64 and
+    `metadata` (a JSON string). Only one batch is in memory at a time, and the same arrays always give the same file bytes."""
     n = len(labels)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with _npy_entry(zf, "arr_0") as f:

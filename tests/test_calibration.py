@@ -1,5 +1,6 @@
-"""Recalibrating the inference threshold tau for a set of weights (race-dit §5.4): the value against a naive
-sort of the training-rule scores, the realised experts per token, and the `racedit sample` / routing report flags."""
+"""Recalibrating the inference threshold tau for a set of weights (docs/method/threshold.md): the value
+against a naive sort of the training-rule scores, the realised experts per token, and the `racedit sample` /
+routing report flags."""
 
 from __future__ import annotations
 

@@ -76,9 +76,10 @@ def test_moved_connection_weights_change_the_output():
 @pytest.mark.parametrize("kind,n,dynamic", [("hyper", 1, False), ("hyper", 2, False), ("hyper", 4, False),
                                             ("hyper", 2, True), ("hyper", 4, True), ("frac", 2, False),
                                             ("frac", 4, False), ("frac", 2, True), ("frac", 4, True)])
-def test_parameter_overhead_matches_the_notes(kind, n, dynamic):
-    """Per sublayer: SHC n(n+2); DHC d(n+2) + n(n+2) + 2; SFC m(2m+1); DFC (d/m)(2m+1) + m(2m+1) + 2
-    (non-affine LayerNorm, so no norm parameters). Two sublayers per block."""
+def test_parameter_overhead_matches_the_formulas(kind, n, dynamic):
+    """Per sublayer: SHC n(n+2); DHC D(n+2) + n(n+2) + 2; SFC n_frac(2 n_frac+1); DFC
+    (D/n_frac)(2 n_frac+1) + n_frac(2 n_frac+1) + 2 (non-affine LayerNorm, so no norm parameters). Two
+    sublayers per block. `n` is n (hyper) or n_frac (frac); d is D."""
     d, depth = TINY["hidden_size"], TINY["depth"]
     base = count_params(create_model("DiT-S/2", **TINY))["total"]
     key = "connections_n" if kind == "hyper" else "connections_m"
@@ -91,7 +92,7 @@ def test_parameter_overhead_matches_the_notes(kind, n, dynamic):
 
 
 def test_dit_xl2_shc2_overhead_is_448():
-    """The notes' DiT-XL/2 figure: SHC x2 adds 448 parameters over 56 sublayers."""
+    """DiT-XL/2: SHC x2 adds n(n+2) = 8 parameters to each of its 56 sublayers, 448 in all."""
     with torch.device("meta"):
         dense = create_model("DiT-XL/2")
         shc = create_model("DiT-XL/2", connections="hyper", connections_n=2)

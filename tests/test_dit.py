@@ -1,8 +1,9 @@
 """The DiT backbone against DiT's published table, its formulas, and its adaLN-Zero initialisation.
 
 References used (none produced by running this code):
-- the DiT table in ../shared/reference/anchors-and-eval.md section 1.1 (params, "Gflops" = forward MACs);
-- the exact full-model counts given there for S/2, B/2, L/2, XL/2;
+- the DiT paper's table of its 12 models (arXiv 2212.09748: parameters and "Gflops", which are forward MACs);
+- the exact parameter counts of DiT's reference implementation (facebookresearch/DiT, all `.parameters()`)
+  for S/2, B/2, L/2, XL/2;
 - a parameter count written out from DiT's architecture (below, `dit_param_formula`);
 - torch's own FlopCounterMode on a forward pass (MACs = flops / 2);
 - the 2-D sin-cos formula written as a float64 numpy loop.
@@ -23,7 +24,7 @@ from racedit.models import count_macs, count_params, create_model
 from racedit.models.dit import DiTBlock, LabelEmbedder
 from racedit.models.records import ForwardRecord
 
-# DiT table (anchors-and-eval.md 1.1): name -> (depth, width, heads, params in M, forward GMACs at 256px).
+# DiT paper's model table (arXiv 2212.09748): name -> (depth, width, heads, params in M, forward GMACs at 256px).
 DIT_TABLE = {
     "DiT-S/8": (12, 384, 6, 33.2, 0.36),
     "DiT-S/4": (12, 384, 6, 33.0, 1.41),
@@ -87,7 +88,7 @@ def test_m_preset_is_race_dits_medium_size():
     model = meta_model("DiT-M/2")
     assert (model.config.depth, model.config.hidden_size, model.config.num_heads) == (16, 960, 16)
     assert count_params(model)["total"] == dit_param_formula(16, 960, 2)
-    assert abs(count_macs(model) / 1e9 - 47.4) <= 0.01 * 47.4  # notes: M/2 ~ 47.4 GMACs (D)
+    assert abs(count_macs(model) / 1e9 - 47.4) <= 0.01 * 47.4  # M/2: ~47.4 GMACs by DiT's MAC convention (computed, not a published figure)
 
 
 def meta_flops(model) -> int:
@@ -187,7 +188,7 @@ def test_block_feedforward_slot_output_enters_the_residual_through_the_mlp_gate(
     with the block's record, and the block returns h1 + gate_mlp * mlp(u), where h1 = h + gate_msa *
     attn(LN(h) * (1 + scale_msa) + shift_msa) and the six modulation vectors come from adaLN(c) in DiT's
     order. Compared with the block written out by hand in float64 (LayerNorm, softmax attention)."""
-    D, heads, B, T = 16, 2, 2, 5
+    D, heads, B, L = 16, 2, 2, 5
     g = torch.Generator().manual_seed(0)
 
     class Probe(torch.nn.Module):
@@ -210,7 +211,7 @@ def test_block_feedforward_slot_output_enters_the_residual_through_the_mlp_gate(
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
-    h = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    h = torch.randn(B, L, D, generator=g, dtype=torch.float64)
     c = torch.randn(B, D, generator=g, dtype=torch.float64)
     record = ForwardRecord()
     out = block(h, c, record)

@@ -1,7 +1,8 @@
 """Latent extraction (shards, manifest, skips, flips, resume), `LatentDataset`, the latent training loader
 and the AutoencoderKL codec, on a tiny random-init VAE and a generated ImageFolder (no network).
 
-Letters: n rows of a shard, c latent channels, h x w latent side.
+Letters (docs/method/README.md): n_rows rows of a shard, n_img latents of a store, C latent channels, H x W
+latent side.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def test_rerun_verifies_reuses_and_repairs(store, tmp_path):
 
 
 def stored(store) -> tuple[np.ndarray, np.ndarray]:
-    """All moments (N, 2, 2, c, h, w) float32 and labels (N,) in dataset order."""
+    """All moments (n_img, 2, 2, C, H, W) float32 and labels (n_img,) in dataset order."""
     shards = read_manifest(store["out"])["shards"]
     m = np.concatenate([np.load(store["out"] / s["name"] / "moments.npy") for s in shards]).astype(np.float32)
     y = np.concatenate([np.load(store["out"] / s["name"] / "labels.npy") for s in shards])

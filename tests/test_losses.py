@@ -1,6 +1,7 @@
 """Auxiliary routing losses: router similarity, balance, z-loss, per-layer regularization, training step.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts, P target values per token.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts; P = softmax(logits)
+over experts in the formulas, target_dim = p*p*C target values per token.
 """
 
 from __future__ import annotations
@@ -173,14 +174,14 @@ def test_patchify_target_uses_the_dit_token_layout():
 
 def test_per_layer_regularization_is_zero_when_heads_predict_exactly():
     model = tiny_moe().train()
-    P = 4  # patch 2 x 2, one channel
+    target_dim = 4  # p*p*C: patch 2 x 2, one channel
     token_value = torch.tensor([0.5, -1.0, 2.0, 0.25])
     with torch.no_grad():  # each head predicts the same per-token vector whatever its input
         for block in model.blocks:
             block.mlp.router.target_head.weight.zero_()
             block.mlp.router.target_head.bias.copy_(token_value)
     # the target whose every token (patch) is `token_value`
-    target = model.unpatchify(token_value.expand(3, 16, P))
+    target = model.unpatchify(token_value.expand(3, 16, target_dim))
     record = ForwardRecord()
     model(torch.randn(3, 1, 8, 8), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([1, 2, 3]), record=record)
     terms = auxiliary_losses(record, LossConfig(per_layer_reg=1.0), target)

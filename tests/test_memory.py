@@ -92,14 +92,14 @@ def test_config_rejects_bad_memory_values(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ retrieval
 
-@pytest.mark.parametrize("n,m", [(6, 1), (6, 4), (12, 6), (5, 5)])
-def test_product_key_topk_equals_brute_force_over_all_slots(n, m):
-    g = torch.Generator().manual_seed(n * 10 + m)
-    s_row = torch.randn(7, 2, n, generator=g, dtype=torch.float64)
-    s_col = torch.randn(7, 2, n, generator=g, dtype=torch.float64)
-    scores, slots = product_key_topk(s_row, s_col, m)
-    full = (s_row.unsqueeze(-1) + s_col.unsqueeze(-2)).flatten(-2)  # (..., n*n), slot a*n + b
-    best, best_slots = full.topk(m, dim=-1)
+@pytest.mark.parametrize("n_key,m_read", [(6, 1), (6, 4), (12, 6), (5, 5)])
+def test_product_key_topk_equals_brute_force_over_all_slots(n_key, m_read):
+    g = torch.Generator().manual_seed(n_key * 10 + m_read)
+    s_row = torch.randn(7, 2, n_key, generator=g, dtype=torch.float64)
+    s_col = torch.randn(7, 2, n_key, generator=g, dtype=torch.float64)
+    scores, slots = product_key_topk(s_row, s_col, m_read)
+    full = (s_row.unsqueeze(-1) + s_col.unsqueeze(-2)).flatten(-2)  # (..., n_key*n_key), slot a*n_key + b
+    best, best_slots = full.topk(m_read, dim=-1)
     torch.testing.assert_close(scores, best)
     assert torch.equal(slots.sort(-1).values, best_slots.sort(-1).values)
 
@@ -111,7 +111,7 @@ def test_pkm_layer_reads_the_brute_force_top_m():
     out, slots = layer.read(x)
     q = layer.query_norm(layer.query(x).view(9, 2, 2, layer.key_dim))
     s = torch.einsum("qhsk,hsnk->qhsn", q, layer.keys)
-    full = (s[:, :, 0].unsqueeze(-1) + s[:, :, 1].unsqueeze(-2)).flatten(-2)  # (Q, H, 25)
+    full = (s[:, :, 0].unsqueeze(-1) + s[:, :, 1].unsqueeze(-2)).flatten(-2)  # (N, n_head, 25)
     best, idx = full.topk(3, dim=-1)
     assert torch.equal(slots.view(9, 2, 3).sort(-1).values, idx.sort(-1).values)
     expected = torch.einsum("qhm,qhmd->qd", best.softmax(-1), layer.tables.values[idx])
@@ -119,7 +119,7 @@ def test_pkm_layer_reads_the_brute_force_top_m():
 
 
 def _rank1_cores(heads: int, cores: int, r: int, positive: bool, g: torch.Generator) -> torch.Tensor:
-    """Cores (H, h, r, r) whose sum is rank 1 (each core alone is not)."""
+    """Cores (n_head, n_core, r, r) whose sum is rank 1 (each core alone is not)."""
     u, t = torch.rand(heads, r, generator=g, dtype=torch.float64), torch.rand(heads, r, generator=g, dtype=torch.float64)
     if not positive:
         u, t = u - 0.5, t - 0.5
@@ -133,33 +133,34 @@ def _svd_u_t(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return left[..., :, 0], right_t[..., 0, :]
 
 
-def _tucker_brute_force(s_row, s_col, cores, m):
-    full = torch.einsum("qhra,hirs,qhsb->qhiab", s_row, cores, s_col)  # (Q, H, h, n, n)
+def _tucker_brute_force(s_row, s_col, cores, m_read):
+    full = torch.einsum("qhra,hirs,qhsb->qhiab", s_row, cores, s_col)  # (N, n_head, n_core, n_vkey, n_vkey)
     per_core = full.flatten(-2)
-    best, idx = per_core.sum(2).topk(m, dim=-1)
+    best, idx = per_core.sum(2).topk(m_read, dim=-1)
     return best, idx, per_core
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("r,h,n,m", [(2, 2, 10, 4), (3, 1, 8, 3), (2, 3, 6, 6)])
-def test_tucker_prefilter_is_exact_for_a_rank1_core(signed, r, h, n, m):
-    """The paper's pre-filter (top-m rows and columns under u^T S_row and t^T S_col) is exact for a rank-1
-    core when those rank-1 scores are positive; the signed pre-filter is exact whatever the signs."""
-    g = torch.Generator().manual_seed(r * 100 + h * 10 + n)
-    Q, H = 6, 2
-    cores = _rank1_cores(H, h, r, positive=not signed, g=g)
-    s_row = torch.randn(Q, H, r, n, generator=g, dtype=torch.float64)
-    s_col = torch.randn(Q, H, r, n, generator=g, dtype=torch.float64)
+@pytest.mark.parametrize("r,n_core,n_vkey,m_read", [(2, 2, 10, 4), (3, 1, 8, 3), (2, 3, 6, 6)])
+def test_tucker_prefilter_is_exact_for_a_rank1_core(signed, r, n_core, n_vkey, m_read):
+    """The paper's pre-filter (top-m_read rows and columns under u^T s_row and t^T s_col) is exact for a
+    rank-1 core when those rank-1 scores are positive; the signed pre-filter is exact whatever the signs."""
+    g = torch.Generator().manual_seed(r * 100 + n_core * 10 + n_vkey)
+    N, n_head = 6, 2
+    cores = _rank1_cores(n_head, n_core, r, positive=not signed, g=g)
+    s_row = torch.randn(N, n_head, r, n_vkey, generator=g, dtype=torch.float64)
+    s_col = torch.randn(N, n_head, r, n_vkey, generator=g, dtype=torch.float64)
     u, t = _svd_u_t(cores)
     if not signed:  # positive u, t (up to the SVD's joint sign) and positive key scores
         sign = torch.sign(u.sum(-1, keepdim=True))
         u, t = u * sign, t * sign
         s_row, s_col = s_row.abs(), s_col.abs()
-    core_scores, slots = tucker_topk(s_row, s_col, cores, u, t, m, signed=signed)
-    best, idx, per_core = _tucker_brute_force(s_row, s_col, cores, m)
+    core_scores, slots = tucker_topk(s_row, s_col, cores, u, t, m_read, signed=signed)
+    best, idx, per_core = _tucker_brute_force(s_row, s_col, cores, m_read)
     assert torch.equal(slots.sort(-1).values, idx.sort(-1).values)
     torch.testing.assert_close(core_scores.sum(2), best)
-    torch.testing.assert_close(core_scores, per_core.gather(-1, slots.unsqueeze(2).expand(Q, H, h, m)))
+    expected = per_core.gather(-1, slots.unsqueeze(2).expand(N, n_head, n_core, m_read))
+    torch.testing.assert_close(core_scores, expected)
 
 
 def test_ultramem_retrieval_with_rank1_core_matches_brute_force_after_refresh():
@@ -199,19 +200,20 @@ def test_refresh_is_the_top_singular_pair_and_keeps_its_sign():
 
 # ------------------------------------------------------------------------------------------------ gather
 
-@pytest.mark.parametrize("h,blocks", [(1, 1), (2, 1), (2, 4), (1, 3), (3, 4)])
-def test_weighted_bag_equals_naive_gather_and_sum(h, blocks):
-    g = torch.Generator().manual_seed(h * 10 + blocks)
-    S, Dv, Q, J = 11, 6 * h, 5, 9
-    table = torch.randn(S, Dv, generator=g, dtype=torch.float64, requires_grad=True)
-    slots = torch.randint(0, S, (Q, J), generator=g)  # with repeats
+@pytest.mark.parametrize("n_core,blocks", [(1, 1), (2, 1), (2, 4), (1, 3), (3, 4)])
+def test_weighted_bag_equals_naive_gather_and_sum(n_core, blocks):
+    g = torch.Generator().manual_seed(n_core * 10 + blocks)
+    n_slot, Dv, N, J = 11, 6 * n_core, 5, 9
+    table = torch.randn(n_slot, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    slots = torch.randint(0, n_slot, (N, J), generator=g)  # with repeats
     slots[0, :3] = 4
-    weights = torch.randn(Q, J, h, generator=g, dtype=torch.float64, requires_grad=True)
-    block = torch.randint(0, blocks, (Q, J), generator=g) if blocks > 1 else None
+    weights = torch.randn(N, J, n_core, generator=g, dtype=torch.float64, requires_grad=True)
+    block = torch.randint(0, blocks, (N, J), generator=g) if blocks > 1 else None
     out = weighted_bag(table, slots, weights, block, blocks)
-    gathered = table[slots].view(Q, J, h, Dv // h) * weights.unsqueeze(-1)  # naive (Q, J, h, Dv/h)
-    onehot = F.one_hot(block, blocks).double() if block is not None else torch.ones(Q, J, 1, dtype=torch.float64)
-    naive = torch.einsum("qjhc,qjp->qphc", gathered, onehot).reshape(Q, blocks, Dv)
+    # naive (N, J, n_core, Dv/n_core)
+    gathered = table[slots].view(N, J, n_core, Dv // n_core) * weights.unsqueeze(-1)
+    onehot = F.one_hot(block, blocks).double() if block is not None else torch.ones(N, J, 1, dtype=torch.float64)
+    naive = torch.einsum("qjhc,qjp->qphc", gathered, onehot).reshape(N, blocks, Dv)
     torch.testing.assert_close(out, naive)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * upstream).sum(), (table, weights))
@@ -286,7 +288,7 @@ def test_value_tables_get_their_own_group_and_schedule():
 
 def test_params_and_macs_of_the_memory_layers():
     dense = create_model("DiT-S/2", **TINY)
-    T, d = 16, 32
+    L, d = 16, 32
     for kind in KINDS:
         model = create_model("DiT-S/2", memory=kind, **SMALL_MEMORY, **TINY)
         layers = [b.memory for b in model.blocks]
@@ -295,7 +297,7 @@ def test_params_and_macs_of_the_memory_layers():
         tables = sum(p.numel() for m in layers for p in m.tables.parameters())
         unused = tables * (1 - min(1.0, 4 / 64))  # one token reads J = 4 of the 64 slots
         assert count_params(model)["activated"] == pytest.approx(count_params(model)["total"] - unused, abs=2)
-        assert count_macs(model) - count_macs(dense) == sum(T * m.read_macs_per_token() + d * d for m in layers)
+        assert count_macs(model) - count_macs(dense) == sum(L * m.read_macs_per_token() + d * d for m in layers)
     # ultramemv2 sizes Dk so that memory is memory_share of block + memory compute
     model = create_model("DiT-S/2", memory="ultramemv2", memory_keys=32, memory_topk=8, **{**TINY, "hidden_size": 128})
     block = model.blocks[0]
@@ -303,9 +305,10 @@ def test_params_and_macs_of_the_memory_layers():
     assert share == pytest.approx(0.17, abs=0.02)
 
 
-def test_dit_xl_ultramemv2_table_size_and_init_match_the_notes():
-    """The notes' DiT-XL anchor: n = 512 (262,144 slots), Dv = 216, Dp = 72 -> 75.5M table parameters per
-    layer; the fourth-root init gives 0.066 for the paper's 227M config (0.0044 with the printed square)."""
+def test_dit_xl_ultramemv2_table_size_and_init():
+    """The DiT-XL preset (configs/imagenet256/memory-xl2-ultramemv2.yaml): n_key = 512 (262,144 slots),
+    Dv = 216, Dp = 72 -> 75.5M table parameters per layer; the fourth-root init gives 0.066 for UltraMemV2's
+    227M config (0.0044 with the printed square; docs/method/memory.md)."""
     with torch.device("meta"):
         model = create_model("DiT-XL/2", memory="ultramemv2", memory_keys=512, memory_topk=94)
     layer = model.blocks[0].memory

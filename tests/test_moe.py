@@ -1,7 +1,7 @@
 """MoEFeedForward: dispatch against the reference loop, dense equivalence, empty tokens, bf16 autocast.
 
-Letters: B images, L tokens per image, N = B*L tokens, D width, E experts, k experts per token on average,
-P target-head outputs per token.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, D width, E experts, k experts
+per token on average; target_dim = p*p*C target-head outputs per token.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def test_bf16_autocast_forward_backward_cpu():
 
 def test_record_contents_and_layer_index():
     torch.manual_seed(0)
-    B, L, D, E, k, P = 2, 4, 16, 4, 2, 12
-    layer = MoEFeedForward(D, E, k, target_dim=P, layer_index=3).train()
+    B, L, D, E, k, target_dim = 2, 4, 16, 4, 2, 12
+    layer = MoEFeedForward(D, E, k, target_dim=target_dim, layer_index=3).train()
     record = ForwardRecord()
     layer(torch.randn(B, L, D), record)
     assert list(record.moe) == [3]
@@ -165,7 +165,7 @@ def test_record_contents_and_layer_index():
     assert rec.logits.shape == rec.scores.shape == rec.mask.shape == (B * L, E)
     assert rec.mask.dtype == torch.bool and not rec.mask.requires_grad
     assert rec.scores.requires_grad and rec.logits.dtype == torch.float32
-    assert rec.target_pred.shape == (B, L, P) and rec.kth_score.shape == ()
+    assert rec.target_pred.shape == (B, L, target_dim) and rec.kth_score.shape == ()
     assert rec.group is None
     no_head = MoEFeedForward(D, E, k, target_dim=0)
     no_head(torch.randn(B, L, D), record)

@@ -1,6 +1,6 @@
 """Race-DiT parameter counts (paper convention) against the paper's Tables 4 and 5, and MoE MACs.
 
-Reference: ../shared/reference/race-dit.md §11. The paper counts only the weight matrices inside the
+Reference: Race-DiT (arXiv 2503.16057) Tables 4 and 5. The paper counts only the weight matrices inside the
 blocks; Table 4 includes the router (trunk D^2 + gate D*E per block), Table 5 does not.
 """
 
@@ -15,7 +15,7 @@ TABLE4 = [
     ("RaceDiT-B/2-4in32", 0.531, 0.135), ("RaceDiT-M/2-4in32", 1.106, 0.281),
     ("RaceDiT-L/2-4in32", 1.889, 0.479), ("RaceDiT-XL/2-4in32", 2.788, 0.707),
 ]
-# The notes' exact integers for the same configurations (the formulas depth*18D^2, depth*(75D^2 + D*E), ...).
+# Exact integers of that counting convention for the same configurations (depth*18D^2, depth*(75D^2 + D*E), ...).
 EXACT4 = {
     "DiT-B/2": (127_401_984, 127_401_984), "DiT-M/2": (265_420_800, 265_420_800),
     "DiT-L/2": (452_984_832, 452_984_832), "DiT-XL/2": (668_860_416, 668_860_416),
@@ -25,7 +25,7 @@ EXACT4 = {
 # Table 5: DiT-B/2 k-in-E, totals without the router.
 TABLE5 = [("1in4", 0.297), ("1in8", 0.524), ("1in16", 0.978), ("2in8", 0.297), ("2in16", 0.524), ("2in32", 0.977),
           ("4in16", 0.297), ("4in32", 0.524), ("4in64", 0.977), ("8in32", 0.297), ("8in64", 0.524), ("8in128", 0.977)]
-# Entries the notes show to be printing quirks of the paper: within 0.001B instead of equal at 3 decimals.
+# Entries where the convention misses the paper's printed value at 3 decimals (printing quirks): within 0.001B.
 QUIRKS = {("RaceDiT-L/2-4in32", "total"), ("RaceDiT-B/2-1in16", "total")}
 
 
@@ -76,7 +76,7 @@ def test_paper_convention_excludes_biases_embedders_and_target_head():
 
 @pytest.mark.parametrize("size,gmacs", [("B", 24.89), ("M", 51.32), ("L", 87.34), ("XL", 128.40)])
 def test_moe_macs_at_mean_k(size, gmacs):
-    """Notes §11.3: MoE-4in32 inference GMACs = dense + router L*(D^2 + D*E) per block."""
+    """MoE-4in32 inference GMACs = dense + router L*(D^2 + D*E) per block (DiT's MAC convention; derived, not in the paper)."""
     assert count_macs(_meta(f"RaceDiT-{size}/2-4in32")) / 1e9 == pytest.approx(gmacs, abs=0.01)
 
 

@@ -1,6 +1,7 @@
 """race_scope=global over 2 CPU processes (gloo) equals one process holding the concatenated batch.
 
-Letters: B images per rank, L tokens per image, D width, E experts, k experts per token on average.
+Letters (docs/method/README.md): B images per rank, L tokens per image, D width, E experts, k experts per
+token on average.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Grouped top-K strategies, gating functions and the inference threshold (racedit.models.routing).
 
-Letters: B images, L tokens per image, E experts, k experts per token on average, N = B*L tokens.
+Letters (docs/method/README.md): B images, L tokens per image, E experts, k experts per token on average, N =
+B*L tokens.
 """
 
 from __future__ import annotations

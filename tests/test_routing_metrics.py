@@ -1,6 +1,6 @@
 """Routing diagnostics on hand-built masks with known answers, and their logging by the training loop.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts.
 """
 
 from __future__ import annotations

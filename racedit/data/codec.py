@@ -1,9 +1,10 @@
 """The one interface between data space (images) and model space (what the DiT denoises).
 
-Letters: B images, C image channels (1 for digits, 3 for RGB), H x W image side, c model-space channels,
-h x w model-space side = (H / downsample) x (W / downsample).
+Letters (docs/method/README.md): B images, C_img image channels (1 for digits, 3 for RGB), H_img x W_img
+image side, C model-space channels, H x W model-space side = (H_img / downsample) x (W_img / downsample).
 
-`encode` maps images x (B, C, H, W) in [-1, 1] to model-space tensors z (B, c, h, w); `decode` maps back.
+`encode` maps images x (B, C_img, H_img, W_img) in [-1, 1] to model-space tensors z (B, C, H, W); `decode`
+maps back.
 Training and sampling only ever call this interface, so nothing else knows whether the model works on
 pixels (`IdentityCodec`, the digits) or on VAE latents (the diffusers AutoencoderKL codec, below).
 """
@@ -19,7 +20,7 @@ import torch
 class Codec(ABC):
     """Encode images to model space and decode model-space tensors back to images.
 
-    Subclasses set `channels` (c, model-space channels) and `downsample` (image side / model side), and
+    Subclasses set `channels` (C, model-space channels) and `downsample` (image side / model side), and
     override `to` when they hold weights.
     """
 
@@ -28,11 +29,13 @@ class Codec(ABC):
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> model-space z (B, c, H / downsample, W / downsample)."""
+        """Images (B, C_img, H_img, W_img) in [-1, 1] -> model-space z (B, C, H, W), H = H_img / downsample,
+        W = W_img / downsample."""
 
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model-space z (B, c, h, w) -> images (B, C, h * downsample, w * downsample), nominally in [-1, 1]."""
+        """Model-space z (B, C, H, W) -> images (B, C_img, H * downsample, W * downsample), nominally in
+        [-1, 1]."""
 
     def model_size(self, image_size: int) -> int:
         """Model-space side for an image side; the image side must be a multiple of `downsample`."""
@@ -61,11 +64,11 @@ class IdentityCodec(Codec):
         return t
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> the same tensor (c = C, downsample 1)."""
+        """Images (B, C_img, H_img, W_img) -> the same tensor (C = C_img, downsample 1)."""
         return self._check(x, "encode")
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model-space (B, c, H, W) -> the same tensor."""
+        """Model-space (B, C, H, W) -> the same tensor."""
         return self._check(z, "decode")
 
     def __repr__(self) -> str:
@@ -105,7 +108,7 @@ class AutoencoderKLCodec(Codec):
     """SD-VAE latent space: a diffusers `AutoencoderKL`, loaded on first use.
 
     Model space is z = (posterior - shift_factor) * scaling_factor (DiT: 0.18215, no shift), so that z has
-    roughly unit variance. c = the VAE's `latent_channels` (4 for SD-VAE); downsample = 2^(number of
+    roughly unit variance. C = the VAE's `latent_channels` (4 for SD-VAE); downsample = 2^(number of
     encoder blocks - 1) (8 for SD-VAE: 256 x 256 images <-> 32 x 32 latents).
 
     `vae` is a hub id or a local directory (`load_autoencoder_kl`), or an `AutoencoderKL` instance.
@@ -181,7 +184,7 @@ class AutoencoderKLCodec(Codec):
 
     @torch.no_grad()
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] -> the scaled posterior (mean, std), each (B, c, h, w) float32.
+        """Images (B, 3, H_img, W_img) in [-1, 1] -> the scaled posterior (mean, std), each (B, C, H, W) float32.
 
         mean = (posterior mean - shift) * scaling_factor and std = posterior std * scaling_factor, so a
         posterior sample in model space is mean + std * N(0, 1).
@@ -193,12 +196,12 @@ class AutoencoderKLCodec(Codec):
         return mean, dist.std.float() * sf
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> the scaled posterior mean z (B, c, h, w) float32."""
+        """Images (B, 3, H_img, W_img) in [-1, 1] -> the scaled posterior mean z (B, C, H, W) float32."""
         return self.encode_moments(x)[0]
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model-space z (B, c, h, w) -> images (B, 3, 8h, 8w) float32, nominally in [-1, 1] (not clamped)."""
+        """Model-space z (B, C, H, W) -> images (B, 3, 8H, 8W) float32, nominally in [-1, 1] (not clamped)."""
         vae = self.vae
         latents = z.to(self._device, self._dtype) / self.scaling_factor + self.shift_factor
         return vae.decode(latents).sample.float()

@@ -3,7 +3,7 @@
 `sklearn.datasets.load_digits` ships 1797 grey 8x8 images of the digits 0..9 (about 180 per class) with
 integer intensities 0..16 inside the scikit-learn package, so this works offline.
 
-Letters: N images in a split, S image side after the optional resize.
+Letters (docs/method/README.md): n_img images in a split, R image side after the optional resize.
 
 The split. `digits_split_indices` splits every class separately: the images of class c (in the order
 `load_digits` returns them) are shuffled with `numpy.random.RandomState(seed)` (the legacy generator, whose
@@ -77,7 +77,7 @@ def digits_split_indices(
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of (N, C, H, W) to (N, C, size, size); antialiased only when shrinking.
+    """Bilinear resize of (n_img, C_img, H_img, W_img) to (n_img, C_img, size, size); antialiased only when shrinking.
 
     Bilinear weights are non-negative and sum to 1, so values stay in the input range; the clamp only
     removes float rounding at the edges of [-1, 1].
@@ -92,10 +92,10 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 class DigitsDataset(Dataset):
     """One split of the digits as (image, label) pairs.
 
-    image: float32 (1, S, S) in [-1, 1] (intensity / 16 * 2 - 1, so the background is -1); label: int 0..9.
-    The whole split is also held in memory as `.images` (N, 1, S, S) and `.labels` (N,) int64, because the
-    training loop may keep the tiny dataset on the device instead of using a DataLoader. `.indices` (N,)
-    are the positions of the split's images in `load_digits()` order.
+    image: float32 (1, R, R) in [-1, 1] (intensity / 16 * 2 - 1, so the background is -1); label: int 0..9.
+    The whole split is also held in memory as `.images` (n_img, 1, R, R) and `.labels` (n_img,) int64,
+    because the training loop may keep the tiny dataset on the device instead of using a DataLoader.
+    `.indices` (n_img,) are the positions of the split's images in `load_digits()` order.
     """
 
     num_classes = NUM_CLASSES
@@ -109,7 +109,7 @@ class DigitsDataset(Dataset):
         raw_images, raw_labels = load_digits_arrays()
         train_idx, holdout_idx = digits_split_indices(raw_labels, holdout_fraction, seed)
         idx = train_idx if split == "train" else holdout_idx
-        images = torch.from_numpy(raw_images[idx]).unsqueeze(1) / MAX_INTENSITY * 2.0 - 1.0  # (N, 1, 8, 8)
+        images = torch.from_numpy(raw_images[idx]).unsqueeze(1) / MAX_INTENSITY * 2.0 - 1.0  # (n_img, 1, 8, 8)
         self.split = split
         self.image_size = image_size
         self.holdout_fraction = holdout_fraction

@@ -1,9 +1,10 @@
 """From a config to training data and to the codec between data space and model space.
 
 Both kinds of training data have the same interface: `num_examples`, `channels`, `size`, `num_classes`,
-`labels` (N,), `read(idx)` -> x0 (n, C, H, W) of some examples, and `loader(order, start_step, device)`,
-which yields this process's micro-batches (x0 (m, C, H, W), y (m,)) in the order of a
-`ResumableBatchOrder`, from optimizer step `start_step` on.
+`labels` (n_img,), `read(idx)` -> x0 (B, C, H, W) of some examples, and `loader(order, start_step, device)`,
+which yields this process's micro-batches (x0 (B, C, H, W), y (B,)) in the order of a
+`ResumableBatchOrder`, from optimizer step `start_step` on. Letters (docs/method/README.md): n_img training
+examples, B images of a read or a micro-batch, C channels, H x W model-space side.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from racedit.data.order import ResumableBatchOrder
 class TrainingData:
     """Training examples held in memory as one tensor (the digits), addressed by index."""
 
-    inputs: torch.Tensor  # (N, C, H, W) model-space inputs (digits: pixels in [-1, 1])
-    labels: torch.Tensor  # (N,) int64
+    inputs: torch.Tensor  # (n_img, C, H, W) model-space inputs (digits: pixels in [-1, 1])
+    labels: torch.Tensor  # (n_img,) int64
     num_classes: int
 
     @property
@@ -49,7 +50,7 @@ class TrainingData:
         return self.inputs.shape[-1]
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
-        """x0 (n, C, H, W) of examples idx (n,)."""
+        """x0 (B, C, H, W) of examples idx (B,)."""
         return self.inputs[idx]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,7 +107,7 @@ class LatentTrainingData:
         return self.dataset.labels
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
-        """x0 (n, C, H, W) of examples idx (n,): a flip and posterior sample under the randomness of epoch 0."""
+        """x0 (B, C, H, W) of examples idx (B,): a flip and posterior sample under the randomness of epoch 0."""
         return self.dataset.read(torch.as_tensor(idx).numpy(), epoch=0)[0]
 
     def loader(self, order, start_step: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

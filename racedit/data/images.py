@@ -7,11 +7,11 @@ every machine and every process. Every regular, non-hidden file is a candidate i
 cannot open or decode (corrupt, truncated, not an image) is not an error but a *skip*, reported with its
 path and the reason.
 
-Letters: S image side after the crop.
+Letters (docs/method/README.md): R image side after the crop, B images of a batch.
 
 The crop is the one the ADM reference batch and DiT training use (`center_crop`): halve the image with a
-box filter while its short side is at least 2 S, resize with a bicubic filter so the short side is S, then
-cut the central S x S square.
+box filter while its short side is at least 2 R, resize with a bicubic filter so the short side is R, then
+cut the central R x R square.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, 3, S, S) -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    """uint8 images (B, 3, R, R) -> float32 in [-1, 1] (x / 127.5 - 1)."""
     return images.float().div_(127.5).sub_(1.0)
 
 
@@ -99,7 +99,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
 class ImageFolder(Dataset):
     """Center-cropped RGB images of an ImageFolder tree, addressed by file index.
 
-    `dataset[i]` is a dict: "image" uint8 tensor (3, S, S) or None when file i is unreadable, "label" int,
+    `dataset[i]` is a dict: "image" uint8 tensor (3, R, R) or None when file i is unreadable, "label" int,
     "index" i, "error" the reason (str) or None. Unreadable files are not raised but returned, so a
     DataLoader keeps going; `collate_images` drops them and reports them as `Skipped`.
     `.classes` (sorted names), `.class_to_idx`, `.files` ((relative path, label) pairs).
@@ -135,9 +135,9 @@ class ImageFolder(Dataset):
 class ImageBatch:
     """The readable images of a batch and the files that were skipped."""
 
-    images: torch.Tensor  # (b, 3, S, S) uint8
-    labels: torch.Tensor  # (b,) int64
-    indices: torch.Tensor  # (b,) int64 file indices
+    images: torch.Tensor  # (B, 3, R, R) uint8
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64 file indices
     skipped: list[tuple[int, str]]  # (file index, reason)
 
 

@@ -1,7 +1,7 @@
 """Resumable, sharded extraction of an image folder into the latent store (`racedit.data.latent_store`).
 
-Letters: N latents (readable images), n rows of one shard, C latent channels, h x w latent side,
-S image side.
+Letters (docs/method/README.md): n_img latents (readable images), n_rows rows of one shard, B images of a
+VAE batch, C latent channels, H x W latent side, R image side.
 
 A shard is written into `shard-XXXXX.tmp-*` and renamed into place only when all its files (shard.json
 last) are on disk, so a killed run never leaves a half-written shard under the final name; a re-run
@@ -137,7 +137,7 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
                     on_shard_done: Callable[[int], None] | None = None) -> ExtractResult:
     """Encode every readable image of the ImageFolder `data` with the VAE `vae` into shards under `out`.
 
-    vae: hub id (e.g. "stabilityai/sd-vae-ft-ema") or local directory. image_size: S of the ADM center
+    vae: hub id (e.g. "stabilityai/sd-vae-ft-ema") or local directory. image_size: R of the ADM center
     crop (a multiple of the VAE downsample). batch_size: images per VAE call (each is encoded twice, as
     is and mirrored). shard_size: files per shard. num_workers: image-decoding DataLoader workers per
     process (default: CPU cores / processes, at most 8). store_dtype: float16 (default; ImageNet-256 at
@@ -265,10 +265,10 @@ def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderK
                   num_workers: int, store_dtype: str, bar, state) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Encode files [start, end) (as is and mirrored): the shard's arrays and its skipped files."""
     side = codec.model_size(images.image_size)
-    c, h, w = codec.channels, side, side
-    moments = np.empty((end - start, 2, 2, c, h, w), dtype=store_dtype)
+    C, H, W = codec.channels, side, side
+    moments = np.empty((end - start, 2, 2, C, H, W), dtype=store_dtype)
     labels, file_index = np.empty(end - start, dtype=np.int64), np.empty(end - start, dtype=np.int64)
-    n, skipped = 0, []
+    n_rows, skipped = 0, []
     loader = DataLoader(Subset(images, range(start, end)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_images,
                         pin_memory=state.device.type == "cuda")
@@ -277,17 +277,17 @@ def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderK
             rel = images.files[index][0]
             _log(f"skipped {rel}: {reason}", state)
             skipped.append({"path": rel, "reason": reason})
-        b = len(batch.labels)
-        if b:
+        B = len(batch.labels)
+        if B:
             x = to_model_range(batch.images.to(state.device, non_blocking=True))
-            mean, std = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2b, c, h, w) each
-            both = torch.stack([mean.view(2, b, c, h, w), std.view(2, b, c, h, w)], dim=2)  # (2, b, 2, c, h, w)
-            moments[n:n + b] = both.transpose(0, 1).cpu().numpy().astype(store_dtype)
-            labels[n:n + b] = batch.labels.numpy()
-            file_index[n:n + b] = batch.indices.numpy()
-            n += b
-        bar.update(b + len(batch.skipped))
-    return {"moments": moments[:n], "labels": labels[:n], "file_index": file_index[:n]}, skipped
+            mean, std = codec.encode_moments(torch.cat([x, x.flip(-1)]))  # (2B, C, H, W) each
+            both = torch.stack([mean.view(2, B, C, H, W), std.view(2, B, C, H, W)], dim=2)  # (2, B, 2, C, H, W)
+            moments[n_rows:n_rows + B] = both.transpose(0, 1).cpu().numpy().astype(store_dtype)
+            labels[n_rows:n_rows + B] = batch.labels.numpy()
+            file_index[n_rows:n_rows + B] = batch.indices.numpy()
+            n_rows += B
+        bar.update(B + len(batch.skipped))
+    return {"moments": moments[:n_rows], "labels": labels[:n_rows], "file_index": file_index[:n_rows]}, skipped
 
 
 def _write_manifest(out: Path, images: ImageFolder, plan: list[tuple[int, int]], settings: dict,
@@ -302,14 +302,14 @@ def _write_manifest(out: Path, images: ImageFolder, plan: list[tuple[int, int]],
         counts += np.bincount(np.load(shard_dir / "labels.npy"), minlength=len(images.classes))
         skipped.extend(meta["skipped"])
         shards.append({"name": shard_dir.name, "rows": meta["rows"], "files": [start, end]})
-    c, h, w = settings["latent_shape"]
+    C, H, W = settings["latent_shape"]
     manifest = dict(settings)
     manifest.update({
         "vae_path": vae_path,  # absolute path when the VAE was a local directory, else null
         "resolution": settings["image_size"],
-        "latent_channels": c,
-        "latent_size": h,
-        "downsample": settings["image_size"] // h,
+        "latent_channels": C,
+        "latent_size": H,
+        "downsample": settings["image_size"] // H,
         "layout": "moments.npy (n, flip, [mean, std], c, h, w); flip 0 = image, 1 = mirrored left-right; "
                   "latent = mean + std * N(0, 1), already scaled by scaling_factor",
         "source": str(Path(data).resolve()),

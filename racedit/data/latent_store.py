@@ -1,16 +1,17 @@
 """The latent store: the on-disk format of extracted VAE latents, its manifest, and the training readers
 (`LatentDataset`, `LatentBatches`). `racedit.data.latent_extract` writes it.
 
-Letters: N latents (readable images), n rows of one shard, C latent channels, h x w latent side.
+Letters (docs/method/README.md): n_img latents (readable images), n_rows rows of one shard, B rows of a read
+batch, C latent channels, H x W latent side.
 
 On disk (`out/`):
 
     manifest.json          written last, once every shard is complete: settings, classes, counts, skips
     class_to_idx.json      {class folder name: label}
     shard-00000/           one directory per block of `shard_size` consecutive files of the image folder
-        moments.npy        (n, 2, 2, C, h, w) float16|float32: [row, flip, (mean, std)]
-        labels.npy         (n,) int64
-        file_index.npy     (n,) int64 position of the row's file in the folder's sorted file list
+        moments.npy        (n_rows, 2, 2, C, H, W) float16|float32: [row, flip, (mean, std)]
+        labels.npy         (n_rows,) int64
+        file_index.npy     (n_rows,) int64 position of the row's file in the folder's sorted file list
         shard.json         file range, settings, rows, skipped files, array shapes, sizes and sha256
 
 Flip 0 is the center-cropped image, flip 1 the same image mirrored left-right before encoding, so both
@@ -63,7 +64,7 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 
 def draw_keys(seed: int, key: int, indices: np.ndarray) -> np.ndarray:
-    """64-bit hashes (n,) uint64 of (seed, key, index): the per-sample randomness of `LatentDataset`."""
+    """64-bit hashes (B,) uint64 of (seed, key, index): the per-sample randomness of `LatentDataset`."""
     with np.errstate(over="ignore"):
         a = _splitmix(np.full(1, seed % 2**64, dtype=np.uint64))
         b = _splitmix(a ^ np.uint64(key % 2**64))
@@ -85,7 +86,7 @@ class KeyedIndices(list):
 class LatentDataset(Dataset):
     """Latents of a directory written by `extract_latents`, memory-mapped.
 
-    `dataset[i]` -> (x (c, h, w) float32, label int). x is the stored posterior of row i for one of its two
+    `dataset[i]` -> (x (C, H, W) float32, label int). x is the stored posterior of row i for one of its two
     flips, sampled (mean + std * eps) when `sample_posterior`, else the mean. The flip (when `flip`) and
     eps are drawn from a 64-bit hash of (seed, epoch, i), so they repeat exactly for the same epoch,
     independently of workers, batch composition and number of processes; change the epoch with
@@ -95,7 +96,7 @@ class LatentDataset(Dataset):
     automatically (batch_sampler or batch_size); `read(indices)` returns the batch already stacked, and
     `LatentBatches` serves such stacked batches to a DataLoader without the per-sample collate (faster).
     The shards open lazily in each process, so the dataset pickles small and works with num_workers > 0.
-    `.labels` (N,) int64, `.classes`, `.num_classes`, `.latent_shape` (c, h, w), `.manifest`.
+    `.labels` (n_img,) int64, `.classes`, `.num_classes`, `.latent_shape` (C, H, W), `.manifest`.
     """
 
     def __init__(self, root: str | Path, sample_posterior: bool = True, flip: bool = True, seed: int = 0):
@@ -135,7 +136,7 @@ class LatentDataset(Dataset):
 
     def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None,
              shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: x (n, c, h, w) float32, y (n,) int64 for dataset indices (n,) under randomness key `epoch`.
+        """A batch: x (B, C, H, W) float32, y (B,) int64 for dataset indices (B,) under randomness key `epoch`.
 
         `shared` puts x in shared memory, so a DataLoader worker hands it over without a copy."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -150,7 +151,7 @@ class LatentDataset(Dataset):
         moments = self._open()
         first = np.unique(shard)
         if len(first) == 1:
-            picked = moments[first[0]][row, flips]  # (n, 2, c, h, w): mean and std of the drawn flip
+            picked = moments[first[0]][row, flips]  # (B, 2, C, H, W): mean and std of the drawn flip
         else:
             picked = np.empty((len(idx), 2, *self.latent_shape), dtype=moments[0].dtype)
             for s in first:
@@ -189,10 +190,10 @@ class LatentDataset(Dataset):
 
 class LatentBatches(Dataset):
     """A `LatentDataset` whose items are whole batches: `batches[indices]` -> `dataset.read(indices, epoch)`,
-    x (n, c, h, w) float32 and y (n,) int64, with `epoch` taken from `KeyedIndices` when it carries one.
+    x (B, C, H, W) float32 and y (B,) int64, with `epoch` taken from `KeyedIndices` when it carries one.
 
     Use it with `DataLoader(LatentBatches(ds), batch_size=None, sampler=<yields index lists>)`. The batch
-    is built once by `read` and handed over as is: no split into n samples and no re-stack by the collate
+    is built once by `read` and handed over as is: no split into B samples and no re-stack by the collate
     function (mean-only reads about 1.4x faster, bench/latents.py). `len` counts samples, not batches.
     """
 

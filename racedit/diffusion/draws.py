@@ -1,6 +1,6 @@
 """The random draws of one training micro-batch (timesteps, noise, label dropout), seeded per step.
 
-Letters: B micro-batch, C channels, H x W input side.
+Letters (docs/method/README.md): B micro-batch, C channels, H x W input side.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ halves see the same x_t at every step. (DiT's reference sampler instead carried 
 in its doubled batch, which drift apart through the unguided channels and independent sampler noise; that
 detail is not reproduced here, only its choice of channels.)
 
-Letters: B images, C data channels, H x W spatial size.
+Letters (docs/method/README.md): B images, C data channels, H x W spatial size.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ Two objectives share one interface (`Objective`):
 The objective owns the target: `sample()` returns it in an `ObjectiveSample`, so per-layer regularization
 heads can regress onto the same tensor the final prediction is trained on.
 
-Letters: B images, C data channels, H x W spatial size. A model output has 2C channels when the model
-learns its variance (first C: the epsilon / velocity prediction, last C: the variance interpolation `v`),
-else C.
+Letters (docs/method/README.md): B images, C data channels, H x W spatial size. A model output has 2C channels
+when the model learns its variance (first C: the epsilon / velocity prediction, last C: the variance
+interpolation `v`), else C.
 """
 
 from __future__ import annotations

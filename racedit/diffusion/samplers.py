@@ -1,12 +1,12 @@
 """Sampling through diffusers schedulers.
 
-| objective | sampler      | diffusers scheduler                          | steps at (N = steps)                        |
-|-----------|--------------|----------------------------------------------|---------------------------------------------|
-| ddpm      | `ddpm`       | DDPMScheduler (ancestral)                    | round(linspace(0, T-1, N)): ADM's respacing |
-| ddpm      | `ddim`       | DDIMScheduler, eta=0, on the respaced process | the same grid, last step to abar = 1       |
-| ddpm      | `dpm_solver` | DPMSolverMultistepScheduler, dpmsolver++, 2nd order | round(linspace(0, T-1, N+1)) less 0, last step to sigma 0 |
-| flow      | `euler`      | FlowMatchEulerDiscreteScheduler, shift=1     | t = 1, 1 - 1/N, ..., 1/N, last step to 0    |
-| flow      | `heun`       | FlowMatchHeunDiscreteScheduler, shift=1      | diffusers' grid linspace(1, 0.001, N), last (Euler) step to 0; 2N-1 model calls |
+| objective | sampler      | diffusers scheduler                                 | steps at (n_step = steps) |
+|-----------|--------------|-----------------------------------------------------|---------------------------|
+| ddpm      | `ddpm`       | DDPMScheduler (ancestral)                           | round(linspace(0, T-1, n_step)): ADM's respacing |
+| ddpm      | `ddim`       | DDIMScheduler, eta=0, on the respaced process       | the same grid, last step to abar = 1 |
+| ddpm      | `dpm_solver` | DPMSolverMultistepScheduler, dpmsolver++, 2nd order | round(linspace(0, T-1, n_step+1)) less 0, last step to sigma 0 |
+| flow      | `euler`      | FlowMatchEulerDiscreteScheduler, shift=1            | t = 1, 1 - 1/n_step, ..., 1/n_step, last step to 0 |
+| flow      | `heun`       | FlowMatchHeunDiscreteScheduler, shift=1             | diffusers' grid linspace(1, 0.001, n_step), last (Euler) step to 0; 2 n_step - 1 model calls |
 
 DDPM schedulers get the objective's own betas. Respacing: DDPMScheduler takes the previous timestep from
 its timestep array, so each step uses the respaced beta_t = 1 - abar_t / abar_prev and posterior
@@ -15,17 +15,18 @@ learn_sigma model is honoured by `ddpm` (variance_type "learned_range", the last
 passed through); `ddim` and `dpm_solver` have no use for it and receive only the first C channels.
 (diffusers' DPM-Solver would otherwise cut a learned-variance output at a hard-coded 3 channels.)
 
-DDIMScheduler computes the previous timestep as t - T//N, which is only consistent with an evenly divided
-grid. To use ADM's grid for any N, `ddim` runs on the respaced process itself (as ADM does): a DDIMScheduler
-over N steps whose betas are the respaced betas 1 - abar[g_i] / abar[g_{i-1}] of the grid g, and the model
-is called at the original step g_i. `SamplingSchedule.objective_times` holds that map for every sampler.
+DDIMScheduler computes the previous timestep as t - T//n_step, which is only consistent with an evenly
+divided grid. To use ADM's grid for any n_step, `ddim` runs on the respaced process itself (as ADM does): a
+DDIMScheduler over n_step steps whose betas are the respaced betas 1 - abar[g_i] / abar[g_{i-1}] of the grid
+g, and the model is called at the original step g_i. `SamplingSchedule.objective_times` holds that map for every sampler.
 
 Flow: our x_t = (1 - t) x0 + t eps and v = eps - x0 are diffusers' flow-matching convention with
 sigma = t; its timesteps are sigma * 1000, and the model receives `objective.model_time(sigma)`.
 
 Predicted x0 is never clipped (latents are not in [-1, 1]; `clip_sample=False`, no thresholding).
 
-Letters: B images, C data channels, H x W spatial size, T training timesteps, N sampling steps.
+Letters (docs/method/README.md): B images, C data channels, H x W spatial size, T training timesteps,
+n_step sampling steps.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def make_schedule(objective: Objective, sampler: str, steps: int) -> SamplingSch
     assert isinstance(objective, FlowObjective)
     if sampler == "euler":
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(FLOW_TIME_SCALE), shift=1.0)
-        # uniform grid 1 .. 1/N; the scheduler appends the final sigma 0
+        # uniform grid 1 .. 1/n_step; the scheduler appends the final sigma 0
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
     else:
         scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=int(FLOW_TIME_SCALE), shift=1.0)
@@ -112,7 +113,7 @@ def _ddpm_schedule(objective: DDPMObjective, sampler: str, steps: int) -> Sampli
         respaced_betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
         scheduler = DDIMScheduler(num_train_timesteps=steps, trained_betas=respaced_betas.numpy(), set_alpha_to_one=True,
                                   timestep_spacing="leading", steps_offset=0, **no_clip)
-        scheduler.set_timesteps(steps)  # respaced steps N-1 .. 0, previous = current - 1
+        scheduler.set_timesteps(steps)  # respaced steps n_step-1 .. 0, previous = current - 1
         return SamplingSchedule(scheduler, grid[scheduler.timesteps])
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=objective.betas.numpy(),
                                             prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,

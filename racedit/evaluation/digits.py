@@ -7,9 +7,10 @@ samples and of the held-out digits (the split training never sees). Like FID it 
 counts (the held-out split has ~180 images), so `digits_fd_train_vs_holdout`, the same distance between the
 training split and the held-out split, is reported beside it as the floor real digits reach.
 
-Letters: N images, S image side (any; the network resizes to the native 8x8), F feature width.
+Letters (docs/method/README.md): n_img images, R image side (any; the network resizes to the native 8x8),
+F feature width.
 
-`load_digits_classifier(S)` trains the classifier on the digits train split (fixed seeds, one CPU thread,
+`load_digits_classifier(R)` trains the classifier on the digits train split (fixed seeds, one CPU thread,
 about 8 s of CPU time) the first time, checks that its held-out accuracy is at least `MIN_HOLDOUT_ACCURACY`, and caches
 the weights as safetensors under `<cache>/digits_classifier_<hash>.safetensors`, where <hash> covers every
 setting that changes the weights. <cache> is the `cache_dir` argument, else `$RACEDIT_CACHE`, else
@@ -62,9 +63,9 @@ _RECIPE = {
 class DigitsClassifier(nn.Module):
     """Two 3x3 conv layers, a 2x2 max-pool and two linear layers, on 8x8 inputs.
 
-    Inputs (N, 1, S, S) in [-1, 1] of any side S are first resized to 8x8 (bilinear, antialiased when
-    shrinking), which approximately undoes the resize `DigitsDataset` applies; the classifier for side S is
-    trained on the S-side data, so it has seen exactly that round trip.
+    Inputs (n_img, 1, R, R) in [-1, 1] of any side R are first resized to 8x8 (bilinear, antialiased when
+    shrinking), which approximately undoes the resize `DigitsDataset` applies; the classifier for side R is
+    trained on the side-R data, so it has seen exactly that round trip.
     """
 
     def __init__(self, feature_dim: int = FEATURE_DIM):
@@ -77,33 +78,33 @@ class DigitsClassifier(nn.Module):
 
     @staticmethod
     def to_native(x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, S, S) -> (N, 1, 8, 8)."""
+        """(n_img, 1, R, R) -> (n_img, 1, 8, 8)."""
         if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"digits classifier expects (N, 1, S, S) images, got {tuple(x.shape)}")
+            raise ValueError(f"digits classifier expects (n_img, 1, R, R) images, got {tuple(x.shape)}")
         return resize_images(x, NATIVE_SIZE)
 
     def native_features(self, x8: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) -> penultimate features (N, F) (after ReLU)."""
+        """(n_img, 1, 8, 8) -> penultimate features (n_img, F) (after ReLU)."""
         h = F.relu(self.conv1(x8))
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (N, 32, 4, 4)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (n_img, 32, 4, 4)
         return F.relu(self.fc(h.flatten(1)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, S, S) -> penultimate features (N, F)."""
+        """(n_img, 1, R, R) -> penultimate features (n_img, F)."""
         return self.native_features(self.to_native(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, S, S) -> class logits (N, 10)."""
+        """(n_img, 1, R, R) -> class logits (n_img, 10)."""
         return self.head(self.features(x))
 
 
 def _random_shift(x8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift each (N, 1, 8, 8) image by -1, 0 or +1 pixels in each direction, filling with background (-1)."""
+    """Shift each (n_img, 1, 8, 8) image by -1, 0 or +1 pixels in each direction, filling with background (-1)."""
     n, _, s, _ = x8.shape
-    padded = F.pad(x8, (1, 1, 1, 1), value=-1.0)  # (N, 1, 10, 10)
+    padded = F.pad(x8, (1, 1, 1, 1), value=-1.0)  # (n_img, 1, 10, 10)
     dy, dx = torch.randint(0, 3, (2, n, 1), generator=generator)
-    rows = (dy + torch.arange(s)).unsqueeze(2)  # (N, 8, 1)
-    cols = (dx + torch.arange(s)).unsqueeze(1)  # (N, 1, 8)
+    rows = (dy + torch.arange(s)).unsqueeze(2)  # (n_img, 8, 1)
+    cols = (dx + torch.arange(s)).unsqueeze(1)  # (n_img, 1, 8)
     return padded[torch.arange(n).view(n, 1, 1), 0, rows, cols].unsqueeze(1)
 
 
@@ -227,7 +228,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def classifier_features(classifier: DigitsClassifier, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Penultimate features of images (N, 1, S, S) in [-1, 1] -> float32 (N, F) on the CPU.
+    """Penultimate features of images (n_img, 1, R, R) in [-1, 1] -> float32 (n_img, F) on the CPU.
 
     Images are clamped to [-1, 1] first, as samples would be when saved.
     """
@@ -240,7 +241,7 @@ def classifier_features(classifier: DigitsClassifier, images: torch.Tensor, batc
 @torch.no_grad()
 def sample_class_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor,
                           batch_size: int = 1024) -> float:
-    """Fraction of images (N, 1, S, S) in [-1, 1] that the classifier assigns to their labels (N,).
+    """Fraction of images (n_img, 1, R, R) in [-1, 1] that the classifier assigns to their labels (n_img,).
 
     For class-conditional samples, `labels` are the classes they were conditioned on. Images are clamped
     to [-1, 1] first, as samples would be when saved.
@@ -260,8 +261,8 @@ def sample_class_accuracy(classifier: DigitsClassifier, images: torch.Tensor, la
 
 
 def digits_fd(classifier: DigitsClassifier, images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Fréchet distance between the classifier features of images (N, 1, S, S) and reference images (M, 1, S, S),
-    both in [-1, 1] (N, M >= 2)."""
+    """Fréchet distance between the classifier features of images (n_img, 1, R, R) and reference images
+    (n_ref, 1, R, R), both in [-1, 1] (n_img, n_ref >= 2)."""
     mu1, sigma1 = gaussian_statistics(classifier_features(classifier, images))
     mu2, sigma2 = gaussian_statistics(classifier_features(classifier, reference))
     return frechet_distance(mu1, sigma1, mu2, sigma2)

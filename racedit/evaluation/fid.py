@@ -1,7 +1,8 @@
 """FID, sFID, Inception Score, KID and precision/recall comparable with the ADM evaluator: references,
 statistics files, `evaluate` and its report (the library behind `racedit fid`).
 
-Protocol (docs/fid.md):
+Protocol (docs/fid.md; it follows the ADM evaluator of Dhariwal & Nichol, arXiv 2105.05233,
+`evaluations/evaluator.py` in openai/guided-diffusion):
 
 - Features come from torch-fidelity's `FeatureExtractorInceptionV3`, the TF-compatible port of the TF Inception
   graph the ADM evaluator runs: uint8 input, TF1 bilinear resize to 299, (x - 128) / 128, pool_3 features
@@ -12,9 +13,9 @@ Protocol (docs/fid.md):
   computed from the reference images. `frechet_distance` is the single implementation, also used by the digits
   metrics.
 - sFID: the same Fréchet distance on ADM's spatial features `mixed_6/conv:0[..., :7]`: the 1x1 branch of the
-  fourth 17x17 block (Mixed_6d), after BN + ReLU, channels 0-6, flattened in (h, w, c) order (2023-d at 299 px),
-  against the reference's `mu_s` / `sigma_s`. The layer follows the reference notes' reading of the TF graph;
-  it has not been checked against the TF evaluator here (no network).
+  fourth 17x17 block (Mixed_6d), after BN + ReLU, channels 0-6, flattened in (height, width, channel) order
+  (2023-d at 299 px), against the reference's `mu_s` / `sigma_s`. The layer is our reading of the TF graph the
+  ADM evaluator runs; it has not been checked against the TF evaluator here (no network).
 - Inception Score: 10 consecutive splits of the samples, no shuffling (ADM: splits of 5000, i.e. 10 for 50K).
 - Precision / recall: the k-NN manifold estimate (Kynkäänniemi et al. 2019, k = 3) on pool_3 features against
   the reference images (ADM: its 10K reference images), via torch-fidelity's implementation.
@@ -23,7 +24,7 @@ Protocol (docs/fid.md):
   carrying a torch.hub hash suffix (`...-6726825d.pth`: the leading hex digits of the file's SHA-256) is checked;
   the full SHA-256 goes into the report.
 
-Letters: N images, H x W image size, F feature width (2048 for pool_3).
+Letters (docs/method/README.md): n_img images, H_img x W_img image size, F feature width (2048 for pool_3).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from racedit.npz import NpzImages, read_npz_metadata
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 class FolderImages:
-    """The image files under a folder (recursively, sorted by path), read as RGB uint8 (H, W, 3)."""
+    """The image files under a folder (recursively, sorted by path), read as RGB uint8 (H_img, W_img, 3)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -139,7 +140,7 @@ class Reference:
     kind: str  # adm_npz | racedit_stats | npz_images | folder
     mu: np.ndarray
     sigma: np.ndarray
-    stats_source: str  # "stored mu/sigma" or "computed from N images"
+    stats_source: str  # "stored mu/sigma" or "computed from n_img images"
     features: torch.Tensor | None = None
     num_images: int | None = None  # reference images (arr_0 / folder), if any
     metadata: dict | None = None
@@ -213,9 +214,9 @@ def _reference_from_images(p: Path, images, kind: str, extractor, batch_size: in
 def save_stats(path: str | Path, features: torch.Tensor, source: dict, weights: InceptionWeights,
                max_features: int = 10000, spatial: torch.Tensor | None = None,
                statistics: tuple | None = None) -> Path:
-    """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (N, 2048), the first
+    """Write a racedit statistics file: mu, sigma (float64) of pool_3 features (n_img, 2048), the first
     `max_features` features themselves (for precision/recall; 0 = none), mu_s, sigma_s of the sFID
-    features (N, D) when `spatial` is given, and JSON metadata. `statistics`, (mu, sigma, mu_s, sigma_s)
+    features (n_img, 2023) when `spatial` is given, and JSON metadata. `statistics`, (mu, sigma, mu_s, sigma_s)
     already computed from these features, saves computing them again."""
     mu, sigma, mu_s, sigma_s = statistics if statistics is not None else (*gaussian_statistics(features),
                                                                          None, None)
@@ -267,7 +268,7 @@ class EvalSettings:
     kid: bool = False
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    num_samples: int | None = None  # evaluate only the first N samples
+    num_samples: int | None = None  # evaluate only the first n_img samples
     extra: dict = field(default_factory=dict)
 
 

@@ -2,7 +2,7 @@
 torch-fidelity's TF-compatible port, and extracting pool_3 features, bias-free logits and ADM's spatial
 features in batches.
 
-Letters: N images, H x W image size, F feature width (2048 for pool_3).
+Letters (docs/method/README.md): n_img images, H_img x W_img image size, F feature width (2048 for pool_3).
 """
 
 from __future__ import annotations
@@ -139,9 +139,9 @@ def _no_tf32():
 @torch.no_grad()
 def extract_features(extractor, images, batch_size: int = 100, limit: int | None = None,
                      progress: bool = True, desc: str = "inception") -> dict[str, torch.Tensor]:
-    """{"2048": pool_3 features (N, 2048), "logits_unbiased": (N, 1008), "spatial": sFID features (N, 7 h w)}
-    in float32 on the CPU (h = w = 17 at the standard 299 px input). `images`: anything with len() and
-    `batches(batch_size, limit)` yielding uint8 (b, H, W, 3) arrays (`racedit.npz.NpzImages`,
+    """{"2048": pool_3 features (n_img, 2048), "logits_unbiased": (n_img, 1008), "spatial": sFID features
+    (n_img, 7 * 17 * 17) at the standard 299 px input (the 17 x 17 Mixed_6d grid)} in float32 on the CPU.
+    `images`: anything with len() and `batches(batch_size, limit)` yielding uint8 (B, H_img, W_img, 3) arrays (`racedit.npz.NpzImages`,
     `racedit.evaluation.fid.FolderImages`)."""
     from tqdm.auto import tqdm
 

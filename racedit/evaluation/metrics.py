@@ -1,7 +1,7 @@
 """The metric maths on features: Fréchet distance (FID, sFID and the digits FD), Gaussian statistics,
 Inception Score, precision/recall and KID.
 
-Letters: N images, F feature width (2048 for pool_3).
+Letters (docs/method/README.md): n_img images, F feature width (2048 for pool_3).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             and np.isfinite(sigma2).all()):
         raise ValueError("statistics contain NaN or inf (features of broken images?)")
     diff = mu1 - mu2
-    if np.array_equal(sigma1, sigma2):  # (S S)^{1/2} = S for a PSD S: exact, and skips the O(F^3) root
+    if np.array_equal(sigma1, sigma2):  # (Sigma Sigma)^{1/2} = Sigma for a PSD Sigma: exact, and skips the O(F^3) root
         return float(diff @ diff)
 
     with warnings.catch_warnings():  # "matrix is singular": handled below by the finiteness / imaginary checks
@@ -73,15 +73,15 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (F,) and covariance (F, F) in float64 of features (N, F) (N >= 2), as the ADM evaluator computes them."""
+    """Mean (F,) and covariance (F, F) in float64 of features (n_img, F) (n_img >= 2), as the ADM evaluator computes them."""
     x = np.asarray(_numpy(features), dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need features (N, F) with N >= 2, got shape {x.shape}")
+        raise ValueError(f"need features (n_img, F) with n_img >= 2, got shape {x.shape}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) of the Inception Score over `splits` consecutive splits of logits (N, 1008), not shuffled.
+    """(mean, std) of the Inception Score over `splits` consecutive splits of logits (n_img, 1008), not shuffled.
 
     Uses torch-fidelity's implementation; on 50K samples this is ADM's 10 splits of 5000.
     """
@@ -100,7 +100,7 @@ def precision_recall(gen_features, ref_features, k: int = 3, batch_size: int = 1
 
     precision: fraction of generated points inside some reference point's k-NN ball; recall: fraction of
     reference points inside some generated point's ball. Uses torch-fidelity's batched implementation
-    (memory: batch_size x N distances at a time).
+    (memory: batch_size x n_img distances at a time).
     """
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 

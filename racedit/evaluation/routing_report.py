@@ -18,7 +18,8 @@ output norms in the side channel it writes:
 | `combination_usage.png` | cumulative share of expert-pair co-activations against the share of pairs (the Comb curve) |
 | `summary.md` | the settings, a per-layer table (tau, experts/token, MaxVio, Comb, ...) and the figures |
 
-Letters: T report timesteps, n images, L tokens per image, E experts, Y MoE layers.
+Letters (docs/method/README.md): n_t report timesteps, B images, L tokens per image, E experts,
+n_moe MoE layers.
 """
 
 from __future__ import annotations
@@ -61,15 +62,15 @@ SUMMARY = "summary.md"
 class RoutingStats:
     """What the report's forward passes measured (numpy arrays)."""
 
-    timesteps: np.ndarray  # (T,) objective times the inputs were noised at (ddpm: int steps; flow: [0, 1])
-    t_frac: np.ndarray  # (T,) normalised timesteps in [0, 1], 0 = clean
-    labels: np.ndarray  # (n,) class of each image
-    counts: np.ndarray  # (T, Y, n, L) experts per token
-    load: np.ndarray  # (Y, E) tokens per expert, summed over all passes
-    co: np.ndarray  # (Y, E, E) co-activation counts, summed over all passes
-    norms: np.ndarray  # (T, depth, 2) mean per-token norm of the attention / feed-forward branch output
+    timesteps: np.ndarray  # (n_t,) objective times the inputs were noised at (ddpm: int steps; flow: [0, 1])
+    t_frac: np.ndarray  # (n_t,) normalised timesteps in [0, 1], 0 = clean
+    labels: np.ndarray  # (B,) class of each image
+    counts: np.ndarray  # (n_t, n_moe, B, L) experts per token
+    load: np.ndarray  # (n_moe, E) tokens per expert, summed over all passes
+    co: np.ndarray  # (n_moe, E, E) co-activation counts, summed over all passes
+    norms: np.ndarray  # (n_t, depth, 2) mean per-token norm of the attention / feed-forward branch output
     moe_blocks: list[int]  # block index of each MoE layer
-    tau: np.ndarray  # (Y,) inference thresholds
+    tau: np.ndarray  # (n_moe,) inference thresholds
     k: int  # experts per token on average in training
     num_experts: int
     grid: int  # tokens per image side (L = grid**2)
@@ -91,7 +92,7 @@ def report_classes(num_classes: int, max_classes: int = 10) -> list[int]:
 
 
 def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, str]:
-    """Clean inputs x0 (n, C, H, W) and labels (n,) from the run's training data: `per_class` examples of each
+    """Clean inputs x0 (B, C, H, W) and labels (B,) from the run's training data: `per_class` examples of each
     class, chosen by a seeded permutation. When the data is not available here (latents not extracted on
     this machine), x0 is None and the caller uses zeros; the third item says which."""
     labels_out = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
@@ -117,7 +118,7 @@ def reference_inputs(cfg, classes: list[int], per_class: int, seed: int = 0) -> 
 
 
 def report_timesteps(objective, num: int) -> tuple[torch.Tensor, np.ndarray, str]:
-    """`num` evenly spaced timesteps at bin centres: (objective times (T,), normalised (T,), axis label)."""
+    """`num` evenly spaced timesteps at bin centres: (objective times (n_t,), normalised (n_t,), axis label)."""
     centres = (np.arange(num) + 0.5) / num
     steps = getattr(objective, "num_timesteps", None)
     if steps:
@@ -129,7 +130,7 @@ def report_timesteps(objective, num: int) -> tuple[torch.Tensor, np.ndarray, str
 @torch.no_grad()
 def collect_routing_stats(model, objective, x0: torch.Tensor, labels: torch.Tensor, num_timesteps: int = 10,
                           seed: int = 0, batch_size: int = 64, progress: bool = False) -> RoutingStats:
-    """Run `model` (put in eval mode) over x0 (n, C, H, W) noised at `num_timesteps` timesteps; one fixed
+    """Run `model` (put in eval mode) over x0 (B, C, H, W) noised at `num_timesteps` timesteps; one fixed
     noise draw per image, shared by all timesteps. Raises ValueError for a model without MoE layers."""
     model.eval()
     device = next(model.parameters()).device
@@ -151,7 +152,7 @@ def collect_routing_stats(model, objective, x0: torch.Tensor, labels: torch.Tens
             if not blocks:
                 raise ValueError("the model has no MoE layer: a routing report needs a MoE model (RaceDiT-*)")
             masks = [record.moe[i].mask for i in blocks]
-            step_counts.append(torch.stack([m.sum(-1).view(len(xb), -1) for m in masks]).cpu())  # (Y, nb, L)
+            step_counts.append(torch.stack([m.sum(-1).view(len(xb), -1) for m in masks]).cpu())  # (n_moe, len(xb), L)
             batch_load = torch.stack([expert_load(m) for m in masks]).cpu()
             batch_co = torch.stack([co_activation(m) for m in masks]).cpu()
             load = batch_load if load is None else load + batch_load
@@ -185,16 +186,16 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def layer_groups(blocks: list[int], max_groups: int = 6) -> list[tuple[str, list[int]]]:
     """Consecutive MoE layers grouped into at most `max_groups` lines: [(label, positions in `blocks`)]."""
-    Y = len(blocks)
-    if Y <= max_groups:
+    n_moe = len(blocks)
+    if n_moe <= max_groups:
         return [(f"block {b}", [i]) for i, b in enumerate(blocks)]
-    edges = np.linspace(0, Y, max_groups + 1).round().astype(int)
+    edges = np.linspace(0, n_moe, max_groups + 1).round().astype(int)
     return [(f"blocks {blocks[a]}-{blocks[b - 1]}", list(range(a, b))) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def plot_experts_vs_timestep(stats: RoutingStats, path: Path) -> Path:
     fig, (ax,) = _figure(6.4, 4.2)
-    per_layer = stats.counts.mean(axis=(2, 3))  # (T, Y)
+    per_layer = stats.counts.mean(axis=(2, 3))  # (n_t, n_moe)
     x = stats.timesteps
     for label, members in layer_groups(stats.moe_blocks):
         ax.plot(x, per_layer[:, members].mean(axis=1), marker="o", ms=3, label=label)
@@ -211,12 +212,12 @@ def plot_experts_vs_timestep(stats: RoutingStats, path: Path) -> Path:
 
 
 def plot_expert_load(stats: RoutingStats, path: Path) -> Path:
-    relative = stats.load / np.maximum(stats.load.mean(axis=1, keepdims=True), 1e-12)  # (Y, E)
-    Y, E = relative.shape
-    fig, (ax,) = _figure(max(4.5, 0.35 * E + 2.5), max(3.0, 0.3 * Y + 1.8))
+    relative = stats.load / np.maximum(stats.load.mean(axis=1, keepdims=True), 1e-12)  # (n_moe, E)
+    n_moe, E = relative.shape
+    fig, (ax,) = _figure(max(4.5, 0.35 * E + 2.5), max(3.0, 0.3 * n_moe + 1.8))
     im = ax.imshow(relative, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
     maxvio = max_violation_from_load(torch.from_numpy(stats.load)).numpy()
-    ax.set_yticks(range(Y), [f"block {b} (MaxVio {v:.2f})" for b, v in zip(stats.moe_blocks, maxvio)], fontsize=7)
+    ax.set_yticks(range(n_moe), [f"block {b} (MaxVio {v:.2f})" for b, v in zip(stats.moe_blocks, maxvio)], fontsize=7)
     ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7 if E <= 32 else 5)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
@@ -228,8 +229,8 @@ def plot_expert_load(stats: RoutingStats, path: Path) -> Path:
 
 def plot_allocation_per_class(stats: RoutingStats, path: Path) -> Path:
     classes = sorted(set(stats.labels.tolist()))
-    per_image = stats.counts.mean(axis=(0, 3))  # (Y, n)
-    table = np.stack([per_image[:, stats.labels == c].mean(axis=1) for c in classes])  # (classes, Y)
+    per_image = stats.counts.mean(axis=(0, 3))  # (n_moe, B)
+    table = np.stack([per_image[:, stats.labels == c].mean(axis=1) for c in classes])  # (classes, n_moe)
     fig, (ax,) = _figure(max(4.5, 0.4 * len(stats.moe_blocks) + 2.5), max(3.0, 0.3 * len(classes) + 1.6))
     im = ax.imshow(table, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=7)
@@ -243,8 +244,8 @@ def plot_allocation_per_class(stats: RoutingStats, path: Path) -> Path:
 
 
 def plot_allocation_per_position(stats: RoutingStats, path: Path, panels: int = 3) -> Path:
-    T = len(stats.timesteps)
-    parts = [p for p in np.array_split(np.arange(T), min(panels, T)) if len(p)]
+    n_t = len(stats.timesteps)
+    parts = [p for p in np.array_split(np.arange(n_t), min(panels, n_t)) if len(p)]
     maps = [stats.counts[p].mean(axis=(0, 1, 2)).reshape(stats.grid, stats.grid) for p in parts]
     overall = stats.counts.mean(axis=(0, 1, 2)).reshape(stats.grid, stats.grid)
     maps.append(overall)
@@ -288,12 +289,12 @@ def plot_combination_usage(stats: RoutingStats, path: Path) -> Path:
     from matplotlib.colors import Normalize
 
     fig, (ax,) = _figure(6.4, 4.4)
-    Y = len(stats.moe_blocks)
+    n_moe = len(stats.moe_blocks)
     cmap, norm = colormaps["viridis"], Normalize(vmin=min(stats.moe_blocks), vmax=max(max(stats.moe_blocks), 1))
     for i, b in enumerate(stats.moe_blocks):
         x, y = combination_curve(torch.from_numpy(stats.co[i]))
         comb = float(combination_usage_from_counts(torch.from_numpy(stats.co[i])))
-        ax.plot(x.numpy(), y.numpy(), color=cmap(norm(b)), lw=1.2, label=f"block {b}: Comb {comb:.1f}%" if Y <= 8 else None)
+        ax.plot(x.numpy(), y.numpy(), color=cmap(norm(b)), lw=1.2, label=f"block {b}: Comb {comb:.1f}%" if n_moe <= 8 else None)
     ax.plot([0, 100], [0, 1], color="grey", ls=":", lw=1, label="all pairs equally used")
     ax.axhline(0.95, color="red", ls="--", lw=1, label="95% of co-activations")
     ax.set_xlabel("expert pairs, most co-activated first (% of E(E-1)/2)")
@@ -303,7 +304,7 @@ def plot_combination_usage(stats: RoutingStats, path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    if Y > 8:
+    if n_moe > 8:
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="MoE block")
     fig.savefig(path)
     return path

@@ -91,7 +91,7 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor], image_size: int | None
     """The dense ModelConfig an official-layout state dict describes, read from its shapes.
 
     width D, in-channels C and patch p from x_embedder.proj.weight (D, C, p, p); depth from the block
-    indices; latent side from pos_embed (1, T, D) (T = (side / p)^2); learn_sigma from the final layer's
+    indices; latent side from pos_embed (1, L, D) (L = (side / p)^2); learn_sigma from the final layer's
     p^2 C_out outputs (C_out = 2C or C); num_classes from the label table (rows - 1, the last row being
     the null class of classifier-free guidance); the MLP ratio from fc1. Heads come from the DiT preset of
     (depth, D) unless `num_heads` is given. `image_size`, when given, must be 8 x the latent side.
@@ -105,7 +105,7 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor], image_size: int | None
     tokens = pos.shape[1]
     side = math.isqrt(tokens)
     if pos.shape[0] != 1 or pos.shape[2] != hidden or side * side != tokens:
-        raise ConversionError(f"{source}: pos_embed {shape_str(pos.shape)} should be (1, T, {hidden}) with T a square")
+        raise ConversionError(f"{source}: pos_embed {shape_str(pos.shape)} should be (1, L, {hidden}) with L a square")
     input_size = side * p
     if image_size is not None and image_size != input_size * VAE_DOWNSAMPLE:
         raise ConversionError(f"{source}: image_size {image_size} does not match the weights: pos_embed "

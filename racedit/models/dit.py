@@ -1,7 +1,8 @@
 """The DiT backbone: embedders, one pluggable `DiTBlock`, `FinalLayer`, `DiT`.
 
-Letters used in shapes: B images, C input channels, H x W input side, p patch side, T = (H/p)(W/p) tokens
-per image, D width, P = p*p*C_out values predicted per token.
+Letters (docs/method/README.md): B images, C input channels, H x W input side, p patch side,
+L = (H/p)(W/p) tokens per image, D width, C_out output channels (2C with learned variance), h MLP hidden
+width, n hyper-connection streams.
 
 The block follows DiT's adaLN-Zero design: six modulation vectors from the conditioning c (timestep +
 class embedding), LayerNorm without affine (eps 1e-6), and zero-initialised gates so every block is the
@@ -27,7 +28,7 @@ from racedit.models.records import ForwardRecord
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of x (B, T, D) by per-image shift and scale (B, D)."""
+    """adaLN modulation of x (B, L, D) by per-image shift and scale (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -104,7 +105,7 @@ class LabelEmbedder(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The dense DiT MLP: Linear(D, h) -> GELU(tanh) -> Linear(h, D), on (B, T, D)."""
+    """The dense DiT MLP: Linear(D, h) -> GELU(tanh) -> Linear(h, D), on (B, L, D)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -123,13 +124,13 @@ class FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block with a pluggable feed-forward `mlp` and pluggable stream connections.
 
-    `mlp` is any module called as `mlp(u, record) -> (B, T, D)` where u is the modulated, normalised
+    `mlp` is any module called as `mlp(u, record) -> (B, L, D)` where u is the modulated, normalised
     input; its output is scaled by the block's zero-initialised gate. `attn_connection` and
     `mlp_connection` (racedit.models.connections) decide how each sublayer reads from and writes to the
-    stream state h: plain residual (B, T, D), hyper-connections (B, T, n, D) or frac-connections.
-    `memory` (optional, racedit.models.memory) is called as `memory(u, c, record) -> (B, T, D)` on the same u;
-    it applies its own adaLN gate, and its output is added to the gated feed-forward output before the
-    connection's depth step.
+    stream state h: plain residual (B, L, D), hyper-connections (n, B, L, D) (stream-major) or
+    frac-connections. `memory` (optional, racedit.models.memory) is called as
+    `memory(u, c, record) -> (B, L, D)` on the same u; it applies its own adaLN gate, and its output is
+    added to the gated feed-forward output before the connection's depth step.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, qk_norm: bool = False,
@@ -171,7 +172,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map of each token (B, T, D) to its patch (B, T, P)."""
+    """adaLN-modulated LayerNorm and a linear map of each token (B, L, D) to its patch (B, L, p*p*C_out)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -273,18 +274,18 @@ class DiT(nn.Module):
                 module.after_optimizer_step()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, p*p*C_out) -> (B, C_out, H, W)."""
+        """(B, L, p*p*C_out) -> (B, C_out, H, W)."""
         side = int(x.shape[1] ** 0.5)
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, w=side, p=self.patch_size,
                          q=self.patch_size)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, T, p*p*C), the inverse of `unpatchify` (used for per-token targets)."""
+        """(B, C, H, W) -> (B, L, p*p*C), the inverse of `unpatchify` (used for per-token targets)."""
         return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch_size, q=self.patch_size)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
               label_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings (B, T, D) and conditioning c (B, D)."""
+        """Token embeddings (B, L, D) and conditioning c (B, D)."""
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, label_dropout)
         return tokens, c

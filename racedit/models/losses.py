@@ -5,14 +5,14 @@ and is weighted by its own `LossConfig` coefficient (0 = off; the loss is then n
 `auxiliary_losses` is what the training step calls; the single-layer functions are public for tests,
 ablations and users.
 
-Coefficients. The Race-DiT paper (arXiv 2503.16057) does not publish its loss coefficients or the
-reductions over layers. The shipped configs assume (reference notes race-dit.md section 15, rows 4, 6, 12, 13):
-router similarity 0.01 on the mean over MoE layers, per-layer regularization 1.0 on the per-element MSE
-averaged over layers, balance 0.01 and z-loss 1e-3 when those comparison losses are switched on (both off
-in the paper's final recipe). Treat them as starting points for a sweep, not as the paper's values.
+Coefficients. The Race-DiT paper (arXiv 2503.16057) publishes neither its loss coefficients nor the
+reductions over layers. The values the shipped configs use are this project's assumptions, starting points
+for a sweep: docs/method/losses.md ("Coefficients the shipped configs assume"), with the formulas.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts, P = p*p*C target values per token
-(C = data channels: the epsilon / velocity part of the output, also for learn_sigma models).
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts, p patch side,
+C data channels (the epsilon / velocity part of the output, also for learn_sigma models); a target head
+predicts p*p*C values per token. In the formulas P = softmax(logits) over experts, a tensor, and M the
+routing mask.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6) -> torch.Tensor:
-    """Router similarity loss of one MoE layer (Race-DiT section 5; reference notes section 6), a scalar.
+    """Router similarity loss of one MoE layer (Race-DiT §5, Eqs. 9-11; docs/method/losses.md), a scalar.
 
     logits (N, E): gating-head logits; mask (N, E) bool: the routing mask (no gradient).
     P = softmax(logits) over experts (used by this loss only, whatever the gating function), P' = P^T P,
     M' = M^T M (co-selection counts). Weights W_ii = E * M'_ii / sum_j M'_jj and, off the diagonal,
-    W_ij = (E^2 - E) * M'_ij / sum_{p != q} M'_pq; L = (1/N) sum_ij W_ij P'_ij. Equals 1 when every expert
+    W_ij = (E^2 - E) * M'_ij / sum_{a != b} M'_ab; loss = (1/N) sum_ij W_ij P'_ij. Equals 1 when every expert
     and every pair of experts is used equally often (any P). The denominators are guarded by `eps` (the
     off-diagonal sum is 0 when no token has two experts). Computed in float32 (float64 stays float64).
 
@@ -101,7 +101,7 @@ def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: floa
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss mean_t (logsumexp_e logits[t, e])^2 of one layer, a scalar; logits (N, E).
+    """ST-MoE router z-loss mean_i (logsumexp_e logits[i, e])^2 over tokens i of one layer, a scalar; logits (N, E).
 
     Keeps the logits small, which matters with identity gating where nothing bounds their scale.
     """
@@ -124,10 +124,10 @@ def patchify_target(target: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def per_layer_regularization(predictions: list[torch.Tensor], target_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-layer regularization (Race-DiT section 6, reference notes section 7), a scalar.
+    """Per-layer regularization (Race-DiT §6 and §9, Fig. 12; docs/method/losses.md), a scalar.
 
-    predictions: the router target-head outputs of the MoE layers, each (B, L, P); target_tokens
-    (B, L, P): the objective's target patchified to tokens (`patchify_target`). Per-element mean squared
+    predictions: the router target-head outputs of the MoE layers, each (B, L, p*p*C); target_tokens
+    (B, L, p*p*C): the objective's target patchified to tokens (`patchify_target`). Per-element mean squared
     error, averaged over layers, in float32. The heads are trained by this loss only and do not take part
     in the forward output, so they change nothing at sampling time.
     """

@@ -3,65 +3,21 @@
 A memory layer reads the same adaLN-modulated, normalised input u as the block's feed-forward and adds
 `gate(c) * Mem(u)` to the feed-forward output, before the connection's depth step (racedit.models.dit).
 Its gate is its own adaLN head `Linear(SiLU(c))`, zero-initialised by `DiT.initialize_weights`, so a
-fresh model with memory layers computes exactly what the same model without them computes. Method
-details and tags ((P) paper, (C) official code, (A) our assumption): ../shared/reference/connections-memory.md
-sections 4-6.
+fresh model with memory layers computes exactly what the same model without them computes.
 
-Letters: B images, T tokens per image, Q = B*T query tokens, D model width, H query heads, n physical keys
-per side, S = n*n physical table rows ("slots"), E implicit-value-expansion blocks, n_v = sqrt(E)*n
-virtual keys per side (n_v*n_v = E*S virtual addresses), m slots read per head (TopM), J = H*m slots read
-per token, Dk key width, Dv value width, Dp pre-value width, r Tucker rank, h scoring cores.
+Kinds: `pkm` (product keys, Lample et al., arXiv 1907.05242), `ultramem` (UltraMem, arXiv 2411.12364:
+Tucker-decomposed retrieval with a rank-1 pre-filter, multi-core scoring, implicit value expansion) and
+`ultramemv2` (UltraMemV2, arXiv 2508.18756: one query per Tucker rank, PEER-style slots without
+activation, variance-matching table init, Dk from the memory share of compute). What each computes, the
+init derivation and every assumption (each a config option where a choice matters): docs/method/memory.md.
+What they cost in a DiT: docs/memory.md (bench/memory_step.py).
 
-Kinds:
-  pkm         classic product keys: LayerNorm'd query, two sub-key tables of n keys, top-m per side,
-              top-m over the m*m candidate sums, softmax weights, values of width D gathered with
-              `F.embedding_bag(mode="sum", per_sample_weights=...)`.
-  ultramem    UltraMem: query/key LayerNorm; Tucker-decomposed retrieval (rank r, h cores) with the
-              rank-1 SVD pre-filter refreshed once per optimizer step (`refresh()`); raw scores (no
-              softmax); multi-core scoring (core i weights the i-th Dv/h columns of each value); implicit
-              value expansion: E virtual blocks addressed through a fixed random shuffle (the persistent
-              buffer `address_shuffle`, saved in checkpoints), pooled per block and then projected by
-              one Linear(E*Dv -> D), i.e. the sum of E block projectors.
-  ultramemv2  UltraMemV2: the same retrieval with one query per Tucker rank; PEER-style slots, each a
-              pre-value vector U_j (Dp) and a value vector V_j (Dv) with no activation:
-              out = W_v sum_j (P x . U_j) s_j V_j; virtual blocks (E > 1) share the one projection, so
-              they are summed; variance-matching table init; Dk set from the memory share of compute.
-
-Assumptions ((A) in the notes, each a config option where a choice matters):
-  - Queries are normalised with LayerNorm, not PKM/PEER's BatchNorm (fragile with CFG batches and mixed
-    timesteps). Keys are LayerNorm'd for ultramem/ultramemv2 only, as in UltraMem.
-  - Query/key LayerNorm gains start at Dk^-1/3 (ultramem) and Dk^-0.4 (ultramemv2), the official code's
-    values; Tucker cores ~ U[0, 1]; Tucker keys ~ N(0, 1/Dk); PKM keys ~ U(+-1/sqrt(Dk)); memory linears
-    take the model's xavier init.
-  - Value tables (`model.memory_value_std` = 0): pkm N(0, 1/D); ultramem N(0, E/(2 m H L)) (the UltraMem
-    paper's formula, L = model depth); ultramemv2 the variance-matching init of UltraMemV2 App. A with
-    sigma_V = (0.2 k_inner D / (m H (1 + sigma_s^2) Dp Dv L))^(1/4), k_inner = model.mlp_ratio and
-    sigma_s^2 = 0.1. The paper prints this expression as sigma_V^2 (Eq. 26), but equating its Eq. 22
-    (which carries sigma_V^4) with the MLP's output variance gives sigma_V^4: we read the printed square
-    as a typo and take the fourth root (0.066 for the paper's 227M config, against 0.0044 as printed).
-    A positive `memory_value_std` sets one fixed std for every table (the official code uses 0.02).
-    With the gate at zero this only sets how fast the gate opens.
-  - The Tucker pre-filter keeps the m best rows and columns under the rank-1 part u t^T of the summed core
-    (the paper). That contains the exact top-m when the core is rank 1 and the rank-1 row and column
-    scores are positive; `memory_prefilter_signed` also keeps the m lowest ones (4x the candidates), which
-    is exact for a rank-1 core whatever the signs.
-  - Multi-core scores and the PEER pre-value dot combine as in the official code: the dot multiplies
-    every core's score, each applied to its own Dv/h columns of V_j.
-  - Value and pre-value tables are never weight-decayed; their learning rate is the base rate times
-    `memory_value_lr_scale`, decaying linearly to 1x over `memory_value_lr_decay` of the run (UltraMem),
-    or constant when that is 0 (UltraMemV2 prefers a constant 1x). Both go through an optimizer group
-    (`optimizer_groups()`, read by racedit.training.loop.param_groups).
-  - Not implemented: tables shared across layers (ring), UltraMem's skip-layer placement (a layer here
-    reads and writes in the same block), the causal query convolution (meaningless without causality),
-    the Tucker-core auxiliary loss (UltraMemV2 found it unnecessary).
-  - The EMA copy of a model gets its own pre-filter refresh from its averaged cores (the training loop).
-
-Cost in a DiT (the notes, section 0): a training batch makes B*T*J reads per layer, usually many times the
-S rows (`ForwardRecord(diagnostics=True).memory[i]["slots_touched"]` measures the share of rows read: about 20-30% at
-init, 76-97% in most layers of a digits model after 400 steps). And training pays for the whole table
-every step anyway: dense table gradients and AdamW state. So the small-batch decoding advantage of
-memory layers does not carry over; what does is a large parameter increase for few MACs, paid for in
-memory and step time. Measurements: docs/memory.md (bench/memory_step.py).
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L query tokens, D model width,
+n_head query heads, n_key physical keys per side, n_slot = n_key^2 table rows ("slots"), n_blk
+implicit-value-expansion blocks, n_vkey = sqrt(n_blk)*n_key virtual keys per side (n_vkey^2 = n_blk*n_slot
+virtual addresses), m_read slots read per head (TopM), J = n_head*m_read slots read per token, Dk key,
+Dv value and Dp pre-value widths, r Tucker rank, n_core scoring cores, k_r / k_c rows / columns kept by
+the Tucker pre-filter.
 """
 
 from __future__ import annotations
@@ -83,73 +39,76 @@ KINDS = ("pkm", "ultramem", "ultramemv2")
 # Retrieval and gathering as plain functions (the tests compare them with brute force)
 # --------------------------------------------------------------------------------------------------------------
 
-def product_key_topk(s_row: torch.Tensor, s_col: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-m of the additive product-key grid s_row[a] + s_col[b] over all n*n slots.
+def product_key_topk(s_row: torch.Tensor, s_col: torch.Tensor, m_read: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-m_read of the additive product-key grid s_row[a] + s_col[b] over all n_key*n_key slots.
 
-    s_row, s_col (..., n) -> scores (..., m) in descending order, differentiable in s_row and s_col, and
-    slot indices (..., m) = a * n + b. Searches only the m*m sums of the top-m of each side, which contain
-    the exact top-m (a pair outside them is beaten by m pairs that are inside).
+    s_row, s_col (..., n_key) -> scores (..., m_read) in descending order, differentiable in s_row and s_col,
+    and slot indices (..., m_read) = a * n_key + b. Searches only the m_read*m_read sums of the top-m_read of
+    each side, which contain the exact top-m_read (a pair outside them is beaten by m_read pairs that are
+    inside).
     """
-    n = s_row.shape[-1]
+    n_key = s_row.shape[-1]
     with torch.no_grad():
-        row_val, row_idx = s_row.topk(m, dim=-1)
-        col_val, col_idx = s_col.topk(m, dim=-1)
-        cand = (row_val.unsqueeze(-1) + col_val.unsqueeze(-2)).flatten(-2)  # (..., m*m)
-        flat = cand.topk(m, dim=-1).indices
-        rows = row_idx.gather(-1, torch.div(flat, m, rounding_mode="floor"))
-        cols = col_idx.gather(-1, flat % m)
+        row_val, row_idx = s_row.topk(m_read, dim=-1)
+        col_val, col_idx = s_col.topk(m_read, dim=-1)
+        cand = (row_val.unsqueeze(-1) + col_val.unsqueeze(-2)).flatten(-2)  # (..., m_read*m_read)
+        flat = cand.topk(m_read, dim=-1).indices
+        rows = row_idx.gather(-1, torch.div(flat, m_read, rounding_mode="floor"))
+        cols = col_idx.gather(-1, flat % m_read)
     scores = s_row.gather(-1, rows) + s_col.gather(-1, cols)
-    return scores, rows * n + cols
+    return scores, rows * n_key + cols
 
 
-def _prefilter(x: torch.Tensor, m: int, signed: bool) -> torch.Tensor:
-    """Indices (..., k) of the rows kept by the rank-1 pre-filter of scores x (..., n)."""
-    n = x.shape[-1]
+def _prefilter(x: torch.Tensor, m_read: int, signed: bool) -> torch.Tensor:
+    """Indices (..., k_r) of the rows kept by the rank-1 pre-filter of scores x (..., n_vkey)."""
+    n_vkey = x.shape[-1]
     if signed:
-        if 2 * m >= n:
-            return torch.arange(n, device=x.device).expand(*x.shape[:-1], n)
-        return torch.cat([x.topk(m, dim=-1).indices, x.topk(m, dim=-1, largest=False).indices], dim=-1)
-    return x.topk(min(m, n), dim=-1).indices
+        if 2 * m_read >= n_vkey:
+            return torch.arange(n_vkey, device=x.device).expand(*x.shape[:-1], n_vkey)
+        return torch.cat([x.topk(m_read, dim=-1).indices, x.topk(m_read, dim=-1, largest=False).indices], dim=-1)
+    return x.topk(min(m_read, n_vkey), dim=-1).indices
 
 
 def tucker_topk(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor, u: torch.Tensor, t: torch.Tensor,
-                m: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                m_read: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Tucker-decomposed query-key retrieval (TDQKR) with multi-core scoring and the rank-1 pre-filter.
 
-    s_row, s_col (Q, H, r, n): each rank's row and column key scores. cores (H, h, r, r): the Tucker cores,
-    whose sum C ranks the grid score S_row^T C S_col (r x r per slot). u, t (H, r): the rank-1 part of C
-    (top singular vectors, `TuckerRetrieval.refresh`). Keeps the m rows with the best u^T S_row and the m
-    columns with the best t^T S_col (with `signed`, also the m worst), scores the kept grid exactly with C
-    and returns the per-core scores (Q, H, h, m) of its top-m, differentiable in s_row, s_col and cores,
-    and their addresses (Q, H, m) = row * n + col. The search runs without autograd; only the m chosen
-    slots are rescored with gradients.
+    s_row, s_col (N, n_head, r, n_vkey): each rank's row and column key scores. cores (n_head, n_core, r, r):
+    the Tucker cores, whose sum `core` ranks the grid score s_row^T core s_col (r x r per slot). u, t
+    (n_head, r): the rank-1 part of `core` (top singular vectors, `TuckerRetrieval.refresh`). Keeps the
+    m_read rows with the best u^T s_row and the m_read columns with the best t^T s_col (with `signed`, also
+    the m_read worst), scores the kept grid exactly with `core` and returns the per-core scores
+    (N, n_head, n_core, m_read) of its top-m_read, differentiable in s_row, s_col and cores, and their
+    addresses (N, n_head, m_read) = row * n_vkey + col. The search runs without autograd; only the m_read
+    chosen slots are rescored with gradients.
     """
-    Q, H, r, n = s_row.shape
+    N, n_head, r, n_vkey = s_row.shape
     with torch.no_grad():
-        rows = _prefilter(torch.einsum("qhrn,hr->qhn", s_row, u), m, signed)  # (Q, H, k_r)
-        cols = _prefilter(torch.einsum("qhrn,hr->qhn", s_col, t), m, signed)  # (Q, H, k_c)
-    sr = s_row.gather(-1, rows.unsqueeze(2).expand(Q, H, r, rows.shape[-1]))  # (Q, H, r, k_r)
-    sc = s_col.gather(-1, cols.unsqueeze(2).expand(Q, H, r, cols.shape[-1]))  # (Q, H, r, k_c)
+        rows = _prefilter(torch.einsum("qhrn,hr->qhn", s_row, u), m_read, signed)  # (N, n_head, k_r)
+        cols = _prefilter(torch.einsum("qhrn,hr->qhn", s_col, t), m_read, signed)  # (N, n_head, k_c)
+    sr = s_row.gather(-1, rows.unsqueeze(2).expand(N, n_head, r, rows.shape[-1]))  # (N, n_head, r, k_r)
+    sc = s_col.gather(-1, cols.unsqueeze(2).expand(N, n_head, r, cols.shape[-1]))  # (N, n_head, r, k_c)
     k_c = cols.shape[-1]
     with torch.no_grad():
-        total = torch.einsum("qhra,hrs,qhsb->qhab", sr, cores.sum(1), sc).flatten(-2)  # (Q, H, k_r * k_c)
-        flat = total.topk(m, dim=-1).indices  # (Q, H, m)
+        total = torch.einsum("qhra,hrs,qhsb->qhab", sr, cores.sum(1), sc).flatten(-2)  # (N, n_head, k_r * k_c)
+        flat = total.topk(m_read, dim=-1).indices  # (N, n_head, m_read)
         a, b = torch.div(flat, k_c, rounding_mode="floor"), flat % k_c
-    ra = sr.gather(-1, a.unsqueeze(2).expand(Q, H, r, m))  # (Q, H, r, m)
-    cb = sc.gather(-1, b.unsqueeze(2).expand(Q, H, r, m))
-    core_scores = torch.einsum("qhrm,hirs,qhsm->qhim", ra, cores, cb)  # (Q, H, h, m)
-    return core_scores, rows.gather(-1, a) * n + cols.gather(-1, b)
+    ra = sr.gather(-1, a.unsqueeze(2).expand(N, n_head, r, m_read))  # (N, n_head, r, m_read)
+    cb = sc.gather(-1, b.unsqueeze(2).expand(N, n_head, r, m_read))
+    core_scores = torch.einsum("qhrm,hirs,qhsm->qhim", ra, cores, cb)  # (N, n_head, n_core, m_read)
+    return core_scores, rows.gather(-1, a) * n_vkey + cols.gather(-1, b)
 
 
 def weighted_bag(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor | None = None,
                  num_blocks: int = 1) -> torch.Tensor:
     """Weighted sums of table rows with `F.embedding_bag(mode="sum", per_sample_weights=...)`.
 
-    table (S, Dv); slots (Q, J) row indices; weights (Q, J, h): weight of slot j for the i-th Dv/h columns
-    (multi-core scoring; h = 1 weights whole rows); blocks (Q, J) in [0, num_blocks) or None.
-    Returns (Q, num_blocks, Dv): out[q, p, cols_i] = sum_{j: blocks[q, j] = p} weights[q, j, i] table[slots[q, j], cols_i].
-    The (Q, J, Dv) gather is never materialised: the table is viewed as (S*h, Dv/h) rows and each
-    (token, block, core) is one bag, bags of one token ordered by block through a stable sort.
+    table (n_slot, Dv); slots (N, J) row indices; weights (N, J, n_core): weight of slot j for the i-th
+    Dv/n_core columns (multi-core scoring; n_core = 1 weights whole rows); blocks (N, J) in [0, num_blocks)
+    or None. Returns (N, num_blocks, Dv):
+    out[q, p, cols_i] = sum_{j: blocks[q, j] = p} weights[q, j, i] table[slots[q, j], cols_i].
+    The (N, J, Dv) gather is never materialised: the table is viewed as (n_slot*n_core, Dv/n_core) rows and
+    each (token, block, core) is one bag, bags of one token ordered by block through a stable sort.
     """
     with torch.autocast(device_type=table.device.type, enabled=False):  # sums in the table's precision
         return _weighted_bag(table, slots, weights, blocks, num_blocks)
@@ -157,42 +116,44 @@ def weighted_bag(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
 
 def _weighted_bag(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor | None,
                   num_blocks: int) -> torch.Tensor:
-    S, Dv = table.shape
-    Q, J, h = weights.shape
-    if Dv % h:
-        raise ValueError(f"value width {Dv} is not divisible by {h} cores")
-    chunks = table.view(S * h, Dv // h)  # row s*h + i holds columns i*Dv/h ... (i+1)*Dv/h - 1 of slot s
-    cores = torch.arange(h, device=slots.device)
-    index = slots.long().unsqueeze(-1) * h + cores  # (Q, J, h)
+    n_slot, Dv = table.shape
+    N, J, n_core = weights.shape
+    if Dv % n_core:
+        raise ValueError(f"value width {Dv} is not divisible by {n_core} cores")
+    # row s*n_core + i holds columns i*Dv/n_core ... (i+1)*Dv/n_core - 1 of slot s
+    chunks = table.view(n_slot * n_core, Dv // n_core)
+    cores = torch.arange(n_core, device=slots.device)
+    index = slots.long().unsqueeze(-1) * n_core + cores  # (N, J, n_core)
     w = weights.to(table.dtype)
     if blocks is None or num_blocks == 1:
-        out = F.embedding_bag(index.transpose(1, 2).reshape(Q * h, J), chunks,
-                              per_sample_weights=w.transpose(1, 2).reshape(Q * h, J), mode="sum")
-        return out.view(Q, 1, Dv)
+        out = F.embedding_bag(index.transpose(1, 2).reshape(N * n_core, J), chunks,
+                              per_sample_weights=w.transpose(1, 2).reshape(N * n_core, J), mode="sum")
+        return out.view(N, 1, Dv)
     blocks = blocks.long()
     order = blocks.argsort(dim=-1, stable=True)
     blocks = blocks.gather(1, order)
-    index = index.gather(1, order.unsqueeze(-1).expand(Q, J, h))
-    w = w.gather(1, order.unsqueeze(-1).expand(Q, J, h))
-    counts = torch.zeros(Q, num_blocks, dtype=torch.long, device=slots.device).scatter_add_(
-        1, blocks, torch.ones_like(blocks))  # (Q, E)
-    start = counts.cumsum(-1) - counts  # (Q, E) first sorted position of each block
-    base = torch.arange(Q, device=slots.device) * (J * h)
-    st, ct = start.gather(1, blocks), counts.gather(1, blocks)  # (Q, J) for each sorted slot
+    index = index.gather(1, order.unsqueeze(-1).expand(N, J, n_core))
+    w = w.gather(1, order.unsqueeze(-1).expand(N, J, n_core))
+    counts = torch.zeros(N, num_blocks, dtype=torch.long, device=slots.device).scatter_add_(
+        1, blocks, torch.ones_like(blocks))  # (N, n_blk)
+    start = counts.cumsum(-1) - counts  # (N, n_blk) first sorted position of each block
+    base = torch.arange(N, device=slots.device) * (J * n_core)
+    st, ct = start.gather(1, blocks), counts.gather(1, blocks)  # (N, J) for each sorted slot
     rank = torch.arange(J, device=slots.device) - st  # position within its block
-    pos = (base[:, None, None] + (st * h + rank).unsqueeze(-1) + cores * ct.unsqueeze(-1)).reshape(-1)
-    flat_index = torch.empty(Q * J * h, dtype=torch.long, device=slots.device).scatter_(0, pos, index.reshape(-1))
-    flat_w = torch.zeros(Q * J * h, dtype=w.dtype, device=w.device).scatter(0, pos, w.reshape(-1))
-    offsets = (base[:, None, None] + (start * h).unsqueeze(-1) + cores * counts.unsqueeze(-1)).reshape(-1)
-    out = F.embedding_bag(flat_index, chunks, offsets, per_sample_weights=flat_w, mode="sum")  # (Q*E*h, Dv/h)
-    return out.view(Q, num_blocks, Dv)
+    pos = (base[:, None, None] + (st * n_core + rank).unsqueeze(-1) + cores * ct.unsqueeze(-1)).reshape(-1)
+    flat_index = torch.empty(N * J * n_core, dtype=torch.long, device=slots.device).scatter_(0, pos, index.reshape(-1))
+    flat_w = torch.zeros(N * J * n_core, dtype=w.dtype, device=w.device).scatter(0, pos, w.reshape(-1))
+    offsets = (base[:, None, None] + (start * n_core).unsqueeze(-1) + cores * counts.unsqueeze(-1)).reshape(-1)
+    # (N*n_blk*n_core, Dv/n_core)
+    out = F.embedding_bag(flat_index, chunks, offsets, per_sample_weights=flat_w, mode="sum")
+    return out.view(N, num_blocks, Dv)
 
 
 def variance_matching_std(dim: int, depth: int, mlp_ratio: float, topk: int, heads: int, prevalue_dim: int,
                           value_dim: int, score_var: float = 0.1) -> float:
-    """UltraMemV2's table std (App. A, Eq. 26) in the fourth-root form: the memory output variance
-    0.16 (1 + s2) sigma^4 Dp m H Dv / D (Eq. 22) set equal to the MLP's gives sigma^4 = the printed
-    expression 0.2 k_inner D / (m H (1 + s2) Dp Dv L); the paper prints sigma^2 (a likely typo)."""
+    """UltraMemV2's table std (App. A): (0.2 mlp_ratio dim / (topk heads (1 + score_var) prevalue_dim value_dim
+    depth)) ** (1/4), the fourth root of what the paper prints as sigma_V^2 (Eq. 26); derivation and the reason
+    for the fourth root in docs/method/memory.md."""
     return (0.2 * mlp_ratio * dim / (topk * heads * (1 + score_var) * prevalue_dim * value_dim * depth)) ** 0.25
 
 
@@ -201,9 +162,9 @@ def variance_matching_std(dim: int, depth: int, mlp_ratio: float, topk: int, hea
 # --------------------------------------------------------------------------------------------------------------
 
 class SlotTables(nn.Module):
-    """The sparse part of a memory layer: values (S, Dv) and, for PEER-style slots, pre-values (S, Dp).
+    """The sparse part of a memory layer: values (n_slot, Dv) and, for PEER-style slots, pre-values (n_slot, Dp).
 
-    `activated_fraction` (J/S) is what `count_params` counts as used by one token.
+    `activated_fraction` (J/n_slot) is what `count_params` counts as used by one token.
     """
 
     def __init__(self, slots: int, value_dim: int, prevalue_dim: int = 0, reads_per_token: int = 1):
@@ -214,11 +175,12 @@ class SlotTables(nn.Module):
 
 
 class TuckerRetrieval(nn.Module):
-    """Query/key-LayerNorm'd TDQKR over an n_v x n_v grid: x (Q, D) -> core scores (Q, H, h, m), addresses (Q, H, m).
+    """Query/key-LayerNorm'd TDQKR over an n_vkey x n_vkey grid.
 
-    query (D -> H*2*r_q*Dk, r_q = r with `query_per_rank` (UltraMemV2) or 1 (UltraMem: one query scores
-    every rank's keys)); keys (H, 2, r, n_v, Dk); cores (H, h, r, r). Buffers `prefilter_u`,
-    `prefilter_t` (H, r): the rank-1 part of the summed cores, recomputed by `refresh()` once per
+    x (N, D) -> core scores (N, n_head, n_core, m_read), addresses (N, n_head, m_read). query
+    (D -> n_head*2*r_q*Dk, r_q = r with `query_per_rank` (UltraMemV2) or 1 (UltraMem: one query scores
+    every rank's keys)); keys (n_head, 2, r, n_vkey, Dk); cores (n_head, n_core, r, r). Buffers `prefilter_u`,
+    `prefilter_t` (n_head, r): the rank-1 part of the summed cores, recomputed by `refresh()` once per
     optimizer step outside autograd and sign-aligned with the previous step (persistent, so a resumed run
     continues with the same pre-filter).
     """
@@ -253,7 +215,7 @@ class TuckerRetrieval(nn.Module):
         """Recompute the rank-1 pre-filter (u, t) from the SVD of the summed cores, outside autograd."""
         if self.cores.is_meta:  # shape-only model (parameter counting)
             return
-        core = self.cores.detach().sum(1).double()  # (H, r, r)
+        core = self.cores.detach().sum(1).double()  # (n_head, r, r)
         left, _, right_t = torch.linalg.svd(core)
         u, t = left[..., :, 0], right_t[..., 0, :]
         flip = (u * self.prefilter_u.double()).sum(-1) < 0  # keep the sign of the previous step
@@ -262,35 +224,35 @@ class TuckerRetrieval(nn.Module):
         self.prefilter_t.copy_(t * sign[:, None])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Q, H, Dk = x.shape[0], self.heads, self.key_dim
+        N, n_head, Dk = x.shape[0], self.heads, self.key_dim
         q = self.query(x)  # the one large matmul: under autocast if enabled
-        with torch.autocast(device_type=x.device.type, enabled=False):  # scores and top-m in full precision
+        with torch.autocast(device_type=x.device.type, enabled=False):  # scores and top-m_read in full precision
             dt = self.keys.dtype
-            q = self.query_norm(q.to(dt).view(Q, H, 2, self.query_ranks, Dk))
-            k = self.key_norm(self.keys)  # (H, 2, r, n_v, Dk)
+            q = self.query_norm(q.to(dt).view(N, n_head, 2, self.query_ranks, Dk))
+            k = self.key_norm(self.keys)  # (n_head, 2, r, n_vkey, Dk)
             if self.query_ranks == 1:
                 s = torch.einsum("qhsk,hsrnk->qhsrn", q.squeeze(3), k)
             else:
-                s = torch.einsum("qhsrk,hsrnk->qhsrn", q, k)  # (Q, H, 2, r, n_v)
+                s = torch.einsum("qhsrk,hsrnk->qhsrn", q, k)  # (N, n_head, 2, r, n_vkey)
             return tucker_topk(s[:, :, 0], s[:, :, 1], self.cores, self.prefilter_u.to(dt), self.prefilter_t.to(dt),
                                self.topk, self.prefilter_signed)
 
     def macs_per_token(self) -> int:
         """Query projection, key scores, pre-filter, candidate grid with the summed core, per-core rescoring."""
-        H, r, n, Dk, m = self.heads, self.rank, self.keys_per_side, self.key_dim, self.topk
-        k = min(2 * m, n) if self.prefilter_signed else m
-        query = self.dim * H * 2 * self.query_ranks * Dk
-        keys = H * 2 * r * n * Dk
-        prefilter = H * 2 * r * n
-        candidates = H * (r * r * k + r * k * k)
-        rescore = H * self.num_cores * m * (r * r + r)
+        n_head, r, n_vkey, Dk, m_read = self.heads, self.rank, self.keys_per_side, self.key_dim, self.topk
+        k_r = min(2 * m_read, n_vkey) if self.prefilter_signed else m_read  # = k_c
+        query = self.dim * n_head * 2 * self.query_ranks * Dk
+        keys = n_head * 2 * r * n_vkey * Dk
+        prefilter = n_head * 2 * r * n_vkey
+        candidates = n_head * (r * r * k_r + r * k_r * k_r)
+        rescore = n_head * self.num_cores * m_read * (r * r + r)
         return query + keys + prefilter + candidates + rescore
 
 
 class MemoryLayer(nn.Module, ABC):  # ABC: `read` is each kind's own
-    """Base: `forward(u (B, T, D), c (B, D), record) -> gate(c) * read(u)` (B, T, D).
+    """Base: `forward(u (B, L, D), c (B, D), record) -> gate(c) * read(u)` (B, L, D).
 
-    Subclasses define `read(x (Q, D)) -> (out (Q, D), physical slots (Q, J))` and `read_macs_per_token()`.
+    Subclasses define `read(x (N, D)) -> (out (N, D), physical slots (N, J))` and `read_macs_per_token()`.
     The gate is `adaLN_gate = Sequential(SiLU, Linear(D, D))` on the conditioning; `zero_init_gate()` zeroes
     its last layer (called by `DiT.initialize_weights`, the model's one place for zero-inits).
     """
@@ -316,15 +278,15 @@ class MemoryLayer(nn.Module, ABC):  # ABC: `read` is each kind's own
         """Forward MACs of one token's read (subclasses)."""
 
     def forward(self, u: torch.Tensor, c: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
-        """u (B, T, D), c (B, D) -> (B, T, D). With `record.diagnostics`, fills record.memory[layer_index] with
-        "slots_touched" (a () tensor: the fraction of the S rows this batch read) and "reads" (B*T*J)."""
-        B, T, D = u.shape
-        out, slots = self.read(u.reshape(B * T, D))
+        """u (B, L, D), c (B, D) -> (B, L, D). With `record.diagnostics`, fills record.memory[layer_index] with
+        "slots_touched" (a () tensor: the fraction of the n_slot rows this batch read) and "reads" (B*L*J)."""
+        B, L, D = u.shape
+        out, slots = self.read(u.reshape(B * L, D))
         if record is not None and record.diagnostics:
             with torch.no_grad():
                 hit = torch.zeros(self.slots, device=slots.device).index_fill_(0, slots.reshape(-1), 1.0)
             record.memory[self.layer_index] = {"slots_touched": hit.mean(), "reads": slots.numel()}
-        return self.adaLN_gate(c).unsqueeze(1) * out.view(B, T, D)
+        return self.adaLN_gate(c).unsqueeze(1) * out.view(B, L, D)
 
     def macs(self, num_tokens: int) -> int:
         """Forward MACs for one image of `num_tokens` tokens: the read of every token plus the gate."""
@@ -347,8 +309,8 @@ class MemoryLayer(nn.Module, ABC):  # ABC: `read` is each kind's own
 class ProductKeyMemory(MemoryLayer):
     """Classic product-key memory (Lample et al., 2019) with a LayerNorm'd query and softmax weights.
 
-    query Linear(D, H*2*Dk) -> LayerNorm(Dk) per half; sub-keys (H, 2, n, Dk); values (S, D), no output
-    projection. x (Q, D) -> sum over heads of softmax(top-m scores) . values.
+    query Linear(D, n_head*2*Dk) -> LayerNorm(Dk) per half; sub-keys (n_head, 2, n_key, Dk); values
+    (n_slot, D), no output projection. x (N, D) -> sum over heads of softmax(top-m_read scores) . values.
     """
 
     kind = "pkm"
@@ -374,19 +336,19 @@ class ProductKeyMemory(MemoryLayer):
         nn.init.normal_(self.tables.values, std=self.value_std)
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Q, H, m = x.shape[0], self.heads, self.topk
+        N, n_head, m_read = x.shape[0], self.heads, self.topk
         q = self.query(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q = self.query_norm(q.to(self.keys.dtype).view(Q, H, 2, self.key_dim))
-            s = torch.einsum("qhsk,hsnk->qhsn", q, self.keys)  # (Q, H, 2, n)
-            scores, slots = product_key_topk(s[:, :, 0], s[:, :, 1], m)  # (Q, H, m)
+            q = self.query_norm(q.to(self.keys.dtype).view(N, n_head, 2, self.key_dim))
+            s = torch.einsum("qhsk,hsnk->qhsn", q, self.keys)  # (N, n_head, 2, n_key)
+            scores, slots = product_key_topk(s[:, :, 0], s[:, :, 1], m_read)  # (N, n_head, m_read)
             weights = scores.softmax(dim=-1)
-        out = weighted_bag(self.tables.values, slots.view(Q, H * m), weights.view(Q, H * m, 1))
-        return out.view(Q, self.dim), slots.view(Q, H * m)
+        out = weighted_bag(self.tables.values, slots.view(N, n_head * m_read), weights.view(N, n_head * m_read, 1))
+        return out.view(N, self.dim), slots.view(N, n_head * m_read)
 
     def read_macs_per_token(self) -> int:
-        H, n, Dk, m = self.heads, self.keys_per_side, self.key_dim, self.topk
-        return self.dim * H * 2 * Dk + H * 2 * n * Dk + H * m * self.dim
+        n_head, n_key, Dk, m_read = self.heads, self.keys_per_side, self.key_dim, self.topk
+        return self.dim * n_head * 2 * Dk + n_head * 2 * n_key * Dk + n_head * m_read * self.dim
 
     def extra_repr(self) -> str:
         return f"slots={self.slots}, topk={self.topk}, heads={self.heads}, key_dim={self.key_dim}, value_dim={self.dim}"
@@ -403,14 +365,15 @@ class _TuckerMemory(MemoryLayer):
         if side * side != expansion:
             raise ConfigError(f"bad value for 'model.memory_expansion': {expansion}. Must be a square (1, 4, 9, 16)")
         self.keys_per_side, self.topk, self.heads, self.expansion = keys, topk, heads, expansion
-        self.virtual_keys = side * keys  # n_v: E*S virtual addresses
+        self.virtual_keys = side * keys  # n_vkey: n_blk*n_slot virtual addresses
         self.key_dim, self.rank, self.num_cores = key_dim, rank, cores
         if topk > self.virtual_keys:
             raise ConfigError(f"model.memory_topk={topk} exceeds the {self.virtual_keys} keys per side")
         self.retrieval = TuckerRetrieval(dim, self.virtual_keys, topk, heads, key_dim, rank, cores, query_per_rank,
                                          key_dim ** -norm_gain_exponent, prefilter_signed)
         if expansion > 1:
-            # Fixed random shuffle of the E*S virtual addresses (physical row = a mod S, block = a div S),
+            # Fixed random shuffle of the n_blk*n_slot virtual addresses (physical row = a mod n_slot,
+            # block = a div n_slot),
             # drawn once at construction and saved with the weights, so a reloaded model reads the same slots.
             self.register_buffer("address_shuffle", torch.randperm(expansion * self.slots).to(torch.int32))
         else:
@@ -431,9 +394,10 @@ class _TuckerMemory(MemoryLayer):
 class UltraMem(_TuckerMemory):
     """UltraMem (Huang et al., ICLR 2025): TDQKR + multi-core scoring + implicit value expansion, raw scores.
 
-    x (Q, D) -> retrieval (core scores (Q, H, h, m), virtual addresses) -> shuffled into physical rows and
-    blocks -> per-block pooling of the values, core i weighting columns i*Dv/h.. of each row ->
-    Linear(E*Dv, D) of the E pooled vectors (= sum of the E block projectors, pooling before projecting).
+    x (N, D) -> retrieval (core scores (N, n_head, n_core, m_read), virtual addresses) -> shuffled into
+    physical rows and blocks -> per-block pooling of the values, core i weighting columns i*Dv/n_core.. of
+    each row -> Linear(n_blk*Dv, D) of the n_blk pooled vectors (= sum of the n_blk block projectors, pooling
+    before projecting).
     """
 
     kind = "ultramem"
@@ -458,12 +422,12 @@ class UltraMem(_TuckerMemory):
         nn.init.xavier_uniform_(self.value_proj.weight)
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Q, J, h = x.shape[0], self.heads * self.topk, self.num_cores
-        core_scores, address = self.retrieval(x)  # (Q, H, h, m), (Q, H, m)
-        rows, blocks = self.physical(address.reshape(Q, J))
-        weights = core_scores.permute(0, 1, 3, 2).reshape(Q, J, h)
-        pooled = weighted_bag(self.tables.values, rows, weights, blocks, self.expansion)  # (Q, E, Dv)
-        return self.value_proj(pooled.reshape(Q, self.expansion * self.value_dim).to(x.dtype)), rows
+        N, J, n_core = x.shape[0], self.heads * self.topk, self.num_cores
+        core_scores, address = self.retrieval(x)  # (N, n_head, n_core, m_read), (N, n_head, m_read)
+        rows, blocks = self.physical(address.reshape(N, J))
+        weights = core_scores.permute(0, 1, 3, 2).reshape(N, J, n_core)
+        pooled = weighted_bag(self.tables.values, rows, weights, blocks, self.expansion)  # (N, n_blk, Dv)
+        return self.value_proj(pooled.reshape(N, self.expansion * self.value_dim).to(x.dtype)), rows
 
     def read_macs_per_token(self) -> int:
         J = self.heads * self.topk
@@ -477,8 +441,9 @@ class UltraMem(_TuckerMemory):
 class UltraMemV2(_TuckerMemory):
     """UltraMemV2 (Huang et al., 2025): one query per Tucker rank, PEER-style slots without activation.
 
-    x (Q, D) -> retrieval -> physical rows (virtual blocks summed) -> a_j = (P x . U_j) * s_j per core ->
-    W_v sum_j a_j (.)_split V_j. P: Linear(D, Dp); U (S, Dp) pre-values; V (S, Dv) values; W_v: Linear(Dv, D).
+    x (N, D) -> retrieval -> physical rows (virtual blocks summed) -> a_j = (P x . U_j) * s_j per core ->
+    W_v sum_j a_j (.)_split V_j. P: Linear(D, Dp); U (n_slot, Dp) pre-values; V (n_slot, Dv) values;
+    W_v: Linear(Dv, D).
     """
 
     kind = "ultramemv2"
@@ -508,15 +473,15 @@ class UltraMemV2(_TuckerMemory):
         nn.init.xavier_uniform_(self.value_proj.weight)
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Q, J, h = x.shape[0], self.heads * self.topk, self.num_cores
-        core_scores, address = self.retrieval(x)  # (Q, H, h, m), (Q, H, m)
-        rows, _ = self.physical(address.reshape(Q, J))  # virtual blocks share the one projection: summed
-        p = self.prevalue_proj(x)  # (Q, Dp)
-        pre = F.embedding(rows, self.tables.prevalues)  # (Q, J, Dp)
+        N, J, n_core = x.shape[0], self.heads * self.topk, self.num_cores
+        core_scores, address = self.retrieval(x)  # (N, n_head, n_core, m_read), (N, n_head, m_read)
+        rows, _ = self.physical(address.reshape(N, J))  # virtual blocks share the one projection: summed
+        p = self.prevalue_proj(x)  # (N, Dp)
+        pre = F.embedding(rows, self.tables.prevalues)  # (N, J, Dp)
         dot = torch.einsum("qjd,qd->qj", pre, p.to(pre.dtype))  # PEER's one-neuron "expert", no activation
-        weights = core_scores.permute(0, 1, 3, 2).reshape(Q, J, h) * dot.unsqueeze(-1)
-        pooled = weighted_bag(self.tables.values, rows, weights)  # (Q, 1, Dv)
-        return self.value_proj(pooled.view(Q, self.value_dim).to(x.dtype)), rows
+        weights = core_scores.permute(0, 1, 3, 2).reshape(N, J, n_core) * dot.unsqueeze(-1)
+        pooled = weighted_bag(self.tables.values, rows, weights)  # (N, 1, Dv)
+        return self.value_proj(pooled.view(N, self.value_dim).to(x.dtype)), rows
 
     def read_macs_per_token(self) -> int:
         J = self.heads * self.topk

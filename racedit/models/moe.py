@@ -1,11 +1,14 @@
 """Mixture-of-Experts feed-forward for the DiT block: router (trunk, gating head, target head), experts, dispatch.
 
-"k-in-E" fine-grained experts (reference race-dit.md section 2): E experts, each a GELU(tanh) MLP of hidden
-h = mlp_ratio * D / k, so k active experts per token on average cost what the dense MLP costs. A token may
-get 0..E experts; there is no capacity limit, and a token with none gets a zero output (it keeps its residual).
+"k-in-E" fine-grained experts (Race-DiT, arXiv 2503.16057, Fig. 2 and Table 5): E experts, each a GELU(tanh)
+MLP of hidden h = mlp_ratio * D / k, so k active experts per token on average cost what the dense MLP costs.
+A token may get 0..E experts; there is no capacity limit, and a token with none gets a zero output (it keeps
+its residual). Routing rules, gating and the inference threshold: docs/method/routing.md, threshold.md.
 
-Letters: B images, L tokens per image, N = B*L tokens, D model width, E experts, h expert hidden width,
-K selected (token, expert) pairs, P = patch*patch*in_channels (target-head outputs per token).
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, D model width, E experts,
+k experts per token on average, h expert hidden width, K pairs selected per routing group, n_sel selected
+(token, expert) pairs of a mask, p patch side, C input channels (the target head predicts p*p*C values per
+token). S is the gate values G(logits), the routing scores.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class _FusedExpertLoop(torch.autograd.Function):
     """Gather, the k-in-E experts, gate weighting and combine as one autograd node with a hand-written backward.
 
     Rows are expert-sorted, so each expert's rows are one contiguous slice. Per expert only the matmuls
-    run in the loop (in place into preallocated (K, h) / (K, D) buffers that start as the gathered biases);
+    run in the loop (in place into preallocated (n_sel, h) / (n_sel, D) buffers that start as the gathered biases);
     bias gradients are one `index_add_` each. Compared with composing autograd ops per expert this saves
     the concatenations, the split/stack of the backward and most per-expert kernel launches (each one an
     OpenMP region on CPU, which is what costs most when the cores are shared), and writes the weight
@@ -171,7 +174,7 @@ def _zeros_for_idle(like: torch.Tensor, segments: list[tuple[int, int, int]]) ->
 
 
 def _grouped_mm_experts(rows: torch.Tensor, expert_index: torch.Tensor, counts: list[int], w1, b1, w2, b2):
-    """Expert-sorted rows (K, D) through the experts with the grouped matmul (autograd-native) -> (K, D)."""
+    """Expert-sorted rows (n_sel, D) through the experts with the grouped matmul (autograd-native) -> (n_sel, D)."""
     fn = _grouped_mm_fn()
     ends = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
     hid = fn(rows, w1, offs=ends) + b1.index_select(0, expert_index)
@@ -191,7 +194,7 @@ IMPLEMENTATIONS = ("auto", "grouped_mm", "fused_loop")
 
 def dispatch(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, experts: Experts,
              implementation: str = "auto") -> torch.Tensor:
-    """y[t] = sum_e mask[t, e] * scores[t, e] * expert_e(x[t]), computed sparsely: (N, D) -> (N, D).
+    """y[i] = sum_e mask[i, e] * scores[i, e] * expert_e(x[i]) for each token i, computed sparsely: (N, D) -> (N, D).
 
     Selected (token, expert) pairs are listed sorted by expert (one `nonzero` over the expert-major mask),
     gathered, run through the experts, weighted and combined with one `index_add_`. One host
@@ -249,7 +252,7 @@ class Router(nn.Module):
     - training: the exact grouped top-K of `routing` over the batch (`routing.grouped_topk`), over the batch of
       every rank of the default process group when race_scope="global";
     - eval: S >= threshold when a threshold is given (batch-independent), else the training rule on the eval batch.
-    The optional target head D -> P predicts each token's diffusion target from r; it feeds the per-layer
+    The optional target head D -> p*p*C predicts each token's diffusion target from r; it feeds the per-layer
     regularization loss only, so it runs only in training forwards that fill a record.
 
     The router holds no state besides its weights: the inference threshold and its EMA belong to the MoE
@@ -286,7 +289,7 @@ class Router(nn.Module):
 
         logits (N, E) fp32, scores S (N, E) (selection score and output weight), mask (N, E) bool,
         kth_score () the batch's K-th largest score (training, batch-coupled strategies; else None),
-        target_pred (B, L, P) (training, with a target head and `predict_target`; else None), group (the
+        target_pred (B, L, p*p*C) (training, with a target head and `predict_target`; else None), group (the
         process group the selection spanned, or None). threshold: () eval-mode tau, or None for the top-K rule.
         """
         B, L, D = x.shape

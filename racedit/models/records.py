@@ -5,7 +5,8 @@ MoE layers (and later memory layers) write what the training losses and routing 
 returns. Each layer writes under its own block index, so a recomputation under activation checkpointing
 overwrites its own entry instead of appending a duplicate.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts, P = patch*patch*in_channels.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts, p patch side,
+C input channels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class MoELayerRecord:
     logits: torch.Tensor  # (N, E) gating-head logits, before the gating function (fp32)
     scores: torch.Tensor  # (N, E) gate values S = G(logits); also the output weights
     mask: torch.Tensor  # (N, E) bool, selected (token, expert) pairs; carries no gradient
-    target_pred: torch.Tensor | None = None  # (B, L, P) router target-head output (per-layer regularization)
+    target_pred: torch.Tensor | None = None  # (B, L, p*p*C) router target-head output (per-layer regularization)
     kth_score: torch.Tensor | None = None  # () the batch's K-th largest score (training, batch-coupled routing);
     # the inference threshold's EMA is updated from it after the backward (`moe.update_thresholds`)
     group: object | None = None  # process group the selection spanned (race_scope=global), for global losses

@@ -1,7 +1,7 @@
 """Routing for the MoE feed-forward: gating functions, the grouped top-K strategies, the inference threshold.
 
 Every strategy is one top-K over groups of the score tensor S (B, L, E); a strategy is only its grouping
-(reference notes race-dit.md section 3):
+(Race-DiT, arXiv 2503.16057, §4: the table in its Fig. 3, Fig. 10 and Table 6; docs/method/routing.md):
 
 | strategy        | groups | candidates per group | selected per group |
 |-----------------|--------|----------------------|--------------------|
@@ -17,13 +17,14 @@ deterministically in favour of the lower candidate index inside the group, where
 in the order of the table's candidate axes (for Expert Race: the flat (b, l, e) index, so the concatenated
 batch of several ranks breaks ties in rank order).
 
-The inference threshold (section 5.3): for the batch-coupled strategies (all but token choice) each MoE
-layer keeps tau, an EMA of the training batch's K-th largest score; in eval mode a pair is selected when
-S >= tau, so a sample's routing does not depend on the rest of its batch. For strategies with several
-groups, "the K-th largest score" is the mean over groups of each group's K-th largest score.
+The inference threshold (docs/method/threshold.md; the update rule is this project's, the paper gives
+none): for the batch-coupled strategies (all but token choice) each MoE layer keeps tau, an EMA of the
+training batch's K-th largest score; in eval mode a pair is selected when S >= tau, so a sample's routing
+does not depend on the rest of its batch. For strategies with several groups, "the K-th largest score" is
+the mean over groups of each group's K-th largest score.
 
-Letters: B images, L tokens per image, E experts, k experts per token on average, K pairs selected per
-group, N = B*L tokens.
+Letters (docs/method/README.md): B images, L tokens per image, E experts, k experts per token on average,
+K pairs selected per group, N = B*L tokens; S (B, L, E) the gate values (routing scores).
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ Pure tensor functions (tested on hand-built masks) plus `routing_diagnostics`, w
 | `routing/comb` | combination usage (%), mean over the MoE layers where some token has two experts |
 | `routing/zero_expert_frac` | fraction of tokens that got no expert, mean over MoE layers |
 | `routing/experts_per_token` | mean experts per token over tokens and MoE layers |
-| `routing/experts_per_token/t_binB` | the same for the tokens of images whose timestep falls in bin B of 10 |
+| `routing/experts_per_token/t_bin<b>` | the same for the tokens of images whose timestep falls in bin b of 10 |
 | `norms/attn/block_XX`, `norms/ff/block_XX` | mean per-token norm of what the block's attention / feed-forward branch adds to the residual (gate included) |
 
 Timestep bins split the normalised timestep t/T (ddpm; flow: t) in [0, 1] into equal parts; bin 0 is the
-cleanest, the last bin the noisiest. Tokens are (b, l) row-major, so token n belongs to image n // L.
+cleanest, the last bin the noisiest. Tokens are (b, l) row-major, so token i belongs to image i // L.
 
-Letters: B images, L tokens per image, N = B*L tokens, E experts.
+Letters (docs/method/README.md): B images, L tokens per image, N = B*L tokens, E experts.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def combination_usage_from_counts(co: torch.Tensor, mass: float = COMB_MASS) -> 
     """Combination usage (%) from co-activation counts (E, E), a 0-d float64 tensor.
 
     The pair counts C_ij (i < j) sorted descending, the smallest number of pairs whose counts reach `mass` of
-    the total, as a percentage of all E(E-1)/2 pairs (reference notes section 10; Race-DiT Fig. 13).
+    the total, as a percentage of all E(E-1)/2 pairs (Race-DiT §11, Fig. 13; docs/method/losses.md).
     Higher means more diverse expert combinations. NaN when no token has two experts.
     """
     pairs = _pair_counts(co)

@@ -45,7 +45,7 @@ def _nominal_gate(gating: str, k: int) -> float:
 @torch.no_grad()
 def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.01,
                         generator: torch.Generator | None = None) -> None:
-    """Initialise a `MoEFeedForward` from a dense `FeedForward` (fc1, fc2) in place; see the module docstring.
+    """Initialise a `MoEFeedForward` from a dense `FeedForward` (fc1, fc2) in place; see docs/method/upcycling.md.
 
     Needs E divisible by k, the expert width equal to the dense hidden width / k, and D >= 2 (E/k - 1)
     router units for the bins.
@@ -57,9 +57,9 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     if W1.shape != (k * h, D):
         raise UpcycleError(f"layer {moe.layer_index}: dense fc1.weight {tuple(W1.shape)} cannot be split into "
                               f"k={k} experts of width {h} over D={D} (needs ({k * h}, {D}))")
-    m = E // k
-    if D < 2 * (m - 1):
-        raise UpcycleError(f"the router needs 2 (E/k - 1) = {2 * (m - 1)} trunk units for its bins; D={D}")
+    n_copy = E // k
+    if D < 2 * (n_copy - 1):
+        raise UpcycleError(f"the router needs 2 (E/k - 1) = {2 * (n_copy - 1)} trunk units for its bins; D={D}")
     dev, dt = moe.experts.w1.device, moe.experts.w1.dtype
     gating = moe.router.gating
     s0 = _nominal_gate(gating, k)
@@ -68,10 +68,10 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
         rows = slice(c * h, (c + 1) * h)
         w1 = W1[rows].t().to(dev, dt)  # (D, h)
         w2 = W2[:, rows].t().to(dev, dt)  # (h, D)
-        for j in range(m):
-            e = c * m + j
+        for j in range(n_copy):
+            e = c * n_copy + j
             n1 = n2 = 0.0
-            if m > 1 and noise_std > 0:
+            if n_copy > 1 and noise_std > 0:
                 n1 = noise_std * w1.std() * torch.randn(w1.shape, generator=generator).to(dev, dt)
                 n2 = noise_std * w2.std() * torch.randn(w2.shape, generator=generator).to(dev, dt)
             experts.w1[e].copy_(w1 + n1)
@@ -83,11 +83,11 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
     trunk, head = router.trunk[0], router.gate_head
     head.weight.zero_()
     head.bias.fill_(_nominal_logit(gating))
-    if m > 1:
+    if n_copy > 1:
         a, eps = BIN_RAMP_MARGIN[gating]
         w = torch.randn(D, generator=generator, dtype=torch.float64)
         w = (w / w.norm()).to(trunk.weight.dtype)
-        thetas = [NormalDist().inv_cdf(i / m) for i in range(1, m)]
+        thetas = [NormalDist().inv_cdf(i / n_copy) for i in range(1, n_copy)]
         for i, theta in enumerate(thetas):  # unit 2i: GELU(a (f - theta)); unit 2i + 1: GELU(a (theta - f))
             trunk.weight[2 * i].copy_(a * w)
             trunk.bias[2 * i] = -a * theta
@@ -96,14 +96,14 @@ def init_moe_from_dense(moe: nn.Module, dense: nn.Module, noise_std: float = 0.0
             if router.target_head is not None:
                 router.target_head.weight[:, 2 * i:2 * i + 2].zero_()
         for c in range(k):
-            for j in range(m):
-                e = c * m + j
+            for j in range(n_copy):
+                e = c * n_copy + j
                 if j >= 1:  # below bin j: f < theta_j, measured by unit 2 (j - 1) + 1
                     head.weight[e, 2 * (j - 1) + 1] = -eps / a
-                if j <= m - 2:  # above bin j: f > theta_{j+1}, measured by unit 2 j
+                if j <= n_copy - 2:  # above bin j: f > theta_{j+1}, measured by unit 2 j
                     head.weight[e, 2 * j] = -eps / a
     # eval threshold: every selected pair scores ~s0; for softmax the others score < s0 / 2
-    moe.tau.fill_(s0 / 2 if gating == "softmax" and m > 1 else s0)
+    moe.tau.fill_(s0 / 2 if gating == "softmax" and n_copy > 1 else s0)
     moe.threshold_initialized.fill_(True)
 
 

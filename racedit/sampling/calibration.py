@@ -1,4 +1,4 @@
-"""Recalibrating the inference threshold tau of a set of weights (reference notes, race-dit §5.4).
+"""Recalibrating the inference threshold tau of a set of weights (docs/method/threshold.md).
 
 tau is an EMA of the training batch's K-th largest score, taken from the *live* model's scores. The EMA
 weights score tokens a little differently, so sampling with the EMA weights and the live tau realises a
@@ -6,7 +6,7 @@ mean number of experts per token that drifts from k. `calibrate_thresholds` runs
 the training rule on training batches at random timesteps (as training does: random t, noise and label
 dropout; no gradient) and sets each threshold layer's tau to the mean batch K-th largest score.
 
-Letters: B calibration batch, C channels, H x W input side.
+Letters (docs/method/README.md): B calibration batch, C channels, H x W input side.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
 @torch.no_grad()
 def sample_images(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, sample_cfg: SampleConfig,
                   seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Images (N, C, H, W) in data space for labels (N,); the noise of sample i depends only on (seed, i)
+    """Images (n_img, C_img, H_img, W_img) in data space for labels (n_img,); the noise of sample i depends only on (seed, i)
     and the batch it is in, so the same call gives the same images."""
     device = next(model.parameters()).device
     out = []
@@ -100,7 +100,8 @@ def _generate_decoded(model: DiT, objective: Objective, codec: Codec, labels: to
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3) via clamp(127.5 x + 128, 0, 255); grey is repeated to RGB."""
+    """(n_img, C_img, H_img, W_img) in [-1, 1] -> uint8 (n_img, H_img, W_img, 3) via clamp(127.5 x + 128, 0, 255);
+    grey is repeated to RGB."""
     x = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
@@ -108,7 +109,7 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Write images (N, C, H, W) in [-1, 1] as one PNG grid, `nrow` images per row."""
+    """Write images (n_img, C_img, H_img, W_img) in [-1, 1] as one PNG grid, `nrow` images per row."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
@@ -116,10 +117,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
 
 
 def sample_labels(num_samples: int | None, num_classes: int, seed: int = 0, per_class: int | None = None) -> torch.Tensor:
-    """Labels (N,) int64 for an FID batch, the same on every process.
+    """Labels (n_img,) int64 for an FID batch, the same on every process.
 
-    Uniform: drawn uniformly at random with a generator seeded by `seed` (DiT's convention). `per_class=K`:
-    exactly K of each class (N = K * num_classes) in a seeded random order; the order matters because the
+    Uniform: drawn uniformly at random with a generator seeded by `seed` (DiT's convention). `per_class`:
+    exactly `per_class` of each class (n_img = per_class * num_classes) in a seeded random order; the order matters because the
     Inception Score is computed over consecutive splits, which must each see all classes.
     """
     g = torch.Generator().manual_seed(seed)

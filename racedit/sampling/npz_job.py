@@ -127,11 +127,11 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
                       seed: int = 0, batch_size: int = 64, labels: torch.Tensor | None = None, *,
                       per_class: int | None = None, max_batches: int | None = None,
                       progress: bool = True) -> Path | None:
-    """Sample an FID batch and write it as an ADM-format npz: `arr_0` uint8 (N, H, W, 3), `labels` (N,) int64,
-    and `metadata` (a JSON string: checkpoint, EMA, sampler, steps, CFG, guidance channels, per-device batch,
-    routing at inference, seed, labels, ...).
+    """Sample an FID batch and write it as an ADM-format npz: `arr_0` uint8 (n_img, H_img, W_img, 3), `labels`
+    (n_img,) int64, and `metadata` (a JSON string: checkpoint, EMA, sampler, steps, CFG, guidance channels,
+    per-device batch, routing at inference, seed, labels, ...).
 
-    Distributed: under `accelerate launch` each process samples the batches b = rank, rank + W, ... of
+    Distributed: under `accelerate launch` each process samples the batches b = rank, rank + world_size, ... of
     `batch_size` samples (b covers samples b*batch_size .. ), so no index is duplicated or missing. Every batch
     is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes; a re-run of the same job (same settings,
     checked against `<out>.parts/job.json`) skips finished batches. When all are there, the main process

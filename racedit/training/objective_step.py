@@ -1,6 +1,6 @@
 """One micro-batch's losses: the objective's loss plus the enabled auxiliary router losses.
 
-Letters: B micro-batch, C channels, H x W input side.
+Letters (docs/method/README.md): B micro-batch, C channels, H x W input side.
 """
 
 from __future__ import annotations
