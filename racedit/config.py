@@ -272,6 +272,8 @@ def validate(cfg: DictConfig | Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"bad value for '{key}': {value}. Must be >= 1")
+    if not 0 <= cfg.train.seed < 2**32:  # racedit.seeding hashes it as one 32-bit word
+        raise ConfigError(f"bad value for 'train.seed': {cfg.train.seed}. Must be in [0, 2**32)")
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"bad value for 'model.class_dropout_prob': {cfg.model.class_dropout_prob}. Must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

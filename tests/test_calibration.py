@@ -44,7 +44,9 @@ def naive_kth_scores(model, objective, batches, label_dropout: float, seed: int)
     """Per threshold layer, the K-th largest score (K = B * L * k) of each batch, from sorting all B * L * E
     training-mode scores in float64; the draws replayed in calibrate_thresholds' documented order."""
     model = copy.deepcopy(model).train()
-    g = torch.Generator().manual_seed(seed)
+    # the generator seed: the CALIBRATION (= 6) child of SeedSequence(seed), numpy's own spawn tree
+    child = np.random.SeedSequence(seed).spawn(7)[6]
+    g = torch.Generator().manual_seed(int(child.generate_state(1, dtype=np.uint64)[0]))
     out: dict[int, list[float]] = {m.layer_index: [] for m in threshold_layers(model)}
     with torch.no_grad():
         for x0, y in batches:

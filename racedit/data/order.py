@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
+from racedit.seeding import Purpose, seed_for
+
 
 class ResumableBatchOrder:
     """This rank's micro-batches of dataset indices for every optimizer step."""
@@ -33,7 +35,7 @@ class ResumableBatchOrder:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(seed_for(self.seed, Purpose.DATA_ORDER, epoch))
             self._cache = (epoch, torch.randperm(self.num_examples, generator=g))
         return self._cache[1]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from racedit.diffusion.objectives import Objective
+from racedit.seeding import Purpose, seed_for
 
 
 @dataclass
@@ -40,7 +41,7 @@ class StepRandomness:
 
     def _global(self, step: int, shape: torch.Size) -> tuple:
         if self._cached is None or self._cached[0] != step:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + step + 1)
+            g = torch.Generator().manual_seed(seed_for(self.seed, Purpose.STEP_DRAWS, step))
             t = self.objective.sample_t(self.global_batch, torch.device("cpu"), g)
             noise = torch.randn((self.global_batch, *shape), generator=g)
             drop = torch.rand(self.global_batch, generator=g) < self.label_dropout

@@ -21,6 +21,7 @@ from racedit.diffusion.draws import MicroBatchDraws
 from racedit.diffusion.objectives import Objective
 from racedit.models.moe import local_selection, threshold_layers
 from racedit.models.records import ForwardRecord
+from racedit.seeding import Purpose, seed_for
 
 
 @dataclass
@@ -50,8 +51,9 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
     batches (x0 (B, C, H, W), y (B,)) taken from `batches`.
 
     Each batch is noised at timesteps drawn as in training (`objective.sample_t`), with labels dropped to
-    the null class with probability `label_dropout`, all from a CPU generator seeded by `seed`, so the
-    result depends only on the weights, the batches and the seed. The selection is the training rule
+    the null class with probability `label_dropout`, all from a CPU generator seeded by
+    `seed_for(seed, Purpose.CALIBRATION)`, so the result depends only on the weights, the batches and the
+    seed. The selection is the training rule
     (grouped top-K over the batch) and always local to this process: no collective runs even if the
     model was trained with race_scope="global" (the batch given here then plays the global batch).
     Nothing else in the model changes (no gradient, no optimizer); it is left in the mode it was in.
@@ -63,7 +65,7 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
                          "(batch-coupled routing with inference_routing=threshold)")
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed_for(seed, Purpose.CALIBRATION))
     sums: dict[int, torch.Tensor | float] = {m.layer_index: 0.0 for m in layers}  # on the device: no sync per batch
     before = {m.layer_index: float(m.tau) for m in layers}
     batch_size = 0

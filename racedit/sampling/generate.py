@@ -22,6 +22,7 @@ from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
 from racedit.models import DiT
 from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
+from racedit.seeding import Purpose, seed_for
 
 
 @dataclass
@@ -72,9 +73,10 @@ def sample_images(model: DiT, objective: Objective, codec: Codec, labels: torch.
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        g = torch.Generator().manual_seed(seed_for(seed, Purpose.BATCH_NOISE, start))
         noise = torch.randn((len(y), *_sample_shape(model)), generator=g)
-        step_noise = torch.Generator(device).manual_seed(seed * 1_000_003 + start + 1)  # DDPM's per-step noise
+        # DDPM's per-step noise
+        step_noise = torch.Generator(device).manual_seed(seed_for(seed, Purpose.BATCH_STEP_NOISE, start))
         out.append(_generate_decoded(model, objective, codec, y, noise, step_noise, sample_cfg, progress))
     return torch.cat(out)
 
@@ -138,10 +140,8 @@ def sample_labels(num_samples: int | None, num_classes: int, seed: int = 0, per_
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """The 64-bit seed of sample `index`'s generator: a function of (seed, index) only."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+    """The 64-bit seed of sample `index`'s generator: a function of (seed, index) only (`Purpose.SAMPLE`)."""
+    return seed_for(seed, Purpose.SAMPLE, index)
 
 
 @torch.no_grad()
