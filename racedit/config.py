@@ -367,6 +367,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return OmegaConf.to_object(schema)
 
 
+ABSENT = type("Absent", (), {"__repr__": lambda self: "(absent)"})()  # a key one side of a diff lacks
+
+
+def flatten_config(cfg: Any) -> dict[str, Any]:
+    """Dotted key -> leaf value of a config: a dataclass (e.g. `Config`), an OmegaConf container or a plain
+    mapping (e.g. parsed YAML). Lists are leaves."""
+    if is_dataclass(cfg) or isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(OmegaConf.structured(cfg) if is_dataclass(cfg) else cfg)
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flatten_config(value).items()})
+        else:
+            out[str(key)] = value
+    return out
+
+
+def config_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value in a, value in b) for every leaf where two configs differ, sorted by key; a key
+    only one side has is paired with `ABSENT`. a, b: anything `flatten_config` takes."""
+    fa, fb = flatten_config(a), flatten_config(b)
+    pairs = {k: (fa.get(k, ABSENT), fb.get(k, ABSENT)) for k in sorted(fa.keys() | fb.keys())}
+    return {k: (x, y) for k, (x, y) in pairs.items() if x is ABSENT or y is ABSENT or x != y}
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (written beside every checkpoint)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

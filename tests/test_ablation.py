@@ -9,12 +9,11 @@ import pytest
 import yaml
 from conftest import TINY
 
-from racedit.config import load_config
+from racedit.config import config_diff, load_config
 from racedit.experiments import ablation
 from racedit.experiments.ablation import (
     ComputeMismatchError,
     GridError,
-    config_diff,
     load_grid,
     resolve_variants,
     run_grid,
@@ -190,3 +189,19 @@ def test_a_diverging_variant_is_reported_and_the_grid_goes_on(tmp_path, monkeypa
     third = run_grid(grid, out, log=lambda *a: None)
     assert third.status == {"race": "trained", "token": "skipped"} and not third.diverged
     assert "Diverged" not in (out / "results.md").read_text()
+
+
+def test_fingerprint_changes_ignore_fields_added_at_their_default_and_fields_removed():
+    from racedit.config import Config, to_yaml
+    from racedit.experiments.ablation.run import _fingerprint_changes
+
+    now_cfg = Config()
+    now_cfg.train.steps = 9
+    then = yaml.safe_load(to_yaml(Config()))
+    del then["model"]["depth"], then["train"]["steps"]  # fields "added since": one at its default, one not
+    then["train"]["retired_option"] = 1  # a field removed since
+    then["train"]["lr"] = 0.5
+    saved = {"config": yaml.safe_dump(then), "eval": {"kind": "digits", "gone": 1}}
+    now = {"config": to_yaml(now_cfg), "eval": {"kind": "fid", "added": 2}}
+    assert _fingerprint_changes(saved, now) == [
+        f"train.lr: 0.5 -> {now_cfg.train.lr!r}", "train.steps: (absent) -> 9", "eval.kind: 'digits' -> 'fid'"]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from racedit.config import ConfigError, from_yaml_text, load_config, to_yaml
+from racedit.config import ABSENT, Config, ConfigError, config_diff, from_yaml_text, load_config, to_yaml
 from racedit.models import resolve_model_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -159,3 +160,16 @@ def test_a_sampler_of_the_other_objective_is_refused_at_load_time():
     with pytest.raises(ConfigError, match="'heun' does not apply to diffusion.objective=ddpm"):
         load_config(DEMO, ["sample.sampler=heun"])
     assert load_config(DEMO, ["diffusion.objective=flow", "sample.sampler=heun"]).sample.sampler == "heun"
+
+
+def test_config_diff_of_a_hand_built_pair():
+    a = Config()
+    b = Config()
+    b.model.depth, b.train.seed, b.train.betas, b.model.memory_blocks = 3, 7, [0.9, 0.95], [1]
+    expected = {"model.depth": (a.model.depth, 3), "model.memory_blocks": ([], [1]),
+                "train.betas": ([0.9, 0.999], [0.9, 0.95]), "train.seed": (0, 7)}
+    assert config_diff(a, b) == expected
+    assert config_diff(a, a) == {} and config_diff(OmegaConf.structured(a), b) == expected
+    # plain mappings (parsed YAML), with keys only one side has
+    assert config_diff({"train": {"seed": 0, "lr": 1.0}}, {"train": {"seed": 1}, "new": {"x": None}}) == {
+        "new.x": (ABSENT, None), "train.lr": (1.0, ABSENT), "train.seed": (0, 1)}

@@ -28,7 +28,7 @@ from racedit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from racedit.config import Config, ConfigError, to_yaml
+from racedit.config import Config, ConfigError, config_diff, to_yaml
 from racedit.data.factory import build_codec, build_training_data
 from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
@@ -128,12 +128,10 @@ def _check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> None:
     are now (a moved directory), and the VAE used only for decoding.
     """
     free = {"data.num_workers", "data.latents", "data.vae"}
-    for section in ("model", "diffusion", "data"):
-        a, b = getattr(saved, section), getattr(cfg, section)
-        diff = [f"{section}.{k}: checkpoint {getattr(a, k)!r} vs now {getattr(b, k)!r}"
-                for k in vars(a) if getattr(a, k) != getattr(b, k) and f"{section}.{k}" not in free]
-        if diff:
-            raise ConfigError(f"cannot resume from {ckpt}: the config differs:\n  " + "\n  ".join(diff))
+    diff = [f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in config_diff(saved, cfg).items()
+            if k.split(".")[0] in ("model", "diffusion", "data") and k not in free]
+    if diff:
+        raise ConfigError(f"cannot resume from {ckpt}: the config differs:\n  " + "\n  ".join(diff))
     if saved.train.global_batch != cfg.train.global_batch or saved.train.seed != cfg.train.seed:
         raise ConfigError(f"cannot resume from {ckpt}: train.global_batch and train.seed must match the checkpoint "
                           f"({saved.train.global_batch}, {saved.train.seed})")

@@ -9,7 +9,6 @@ from racedit.experiments.ablation.grid import (
     GridError,
     Variant,
     check_compute,
-    config_diff,
     load_grid,
     resolve_variants,
     variant_accounting,
@@ -19,6 +18,6 @@ from racedit.experiments.ablation.run import GridResult, run_grid
 
 __all__ = [
     "GridError", "ComputeMismatchError", "Variant", "EvalSpec", "Grid", "GridResult", "FIXED_KEYS", "load_grid",
-    "resolve_variants", "variant_accounting", "check_compute", "config_diff", "smooth", "routing_columns",
+    "resolve_variants", "variant_accounting", "check_compute", "smooth", "routing_columns",
     "run_grid", "write_report",
 ]

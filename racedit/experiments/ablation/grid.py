@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from racedit.config import Config, ConfigError, load_config, to_yaml
+from racedit.config import Config, ConfigError, load_config
 from racedit.models import count_macs, count_params, create_model, resolve_model_config
 from racedit.models.routing import group_layout
 
@@ -329,21 +329,6 @@ def _check_routing_shape(cfg: Config, name: str) -> None:
         group_layout(m.routing, micro, tokens, m.moe_experts, m.moe_k)
     except ValueError as e:
         raise GridError(f"variant {name!r}: {e}") from None
-
-
-def flatten_config(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
-def config_diff(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (value in a, value in b) for every field where two resolved configs differ."""
-    fa, fb = flatten_config(yaml.safe_load(to_yaml(a))), flatten_config(yaml.safe_load(to_yaml(b)))
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
 # ----------------------------------------------------------------------------------------------- accounting

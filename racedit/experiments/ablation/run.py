@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from racedit.checkpoint import latest_checkpoint
-from racedit.config import Config, to_yaml
+from racedit.config import ABSENT, Config, config_diff, flatten_config, to_yaml
 from racedit.evaluation.digits import evaluate_digits_model
 from racedit.evaluation.fid import EvalSettings, evaluate, save_report
 from racedit.experiments.ablation.grid import (
@@ -24,7 +24,6 @@ from racedit.experiments.ablation.grid import (
     GridError,
     Variant,
     check_compute,
-    flatten_config,
     load_grid,
     resolve_variants,
     variant_accounting,
@@ -104,15 +103,12 @@ def _fingerprint_changes(saved: dict, now: dict) -> list[str]:
     Config fields added to racedit after the variant finished are ignored while they hold their default
     value, and fields since removed are ignored, so a library upgrade does not invalidate finished work.
     """
-    then = flatten_config(yaml.safe_load(saved.get("config") or "{}") or {})
-    current = flatten_config(yaml.safe_load(now["config"]))
+    then = yaml.safe_load(saved.get("config") or "{}") or {}
     default = flatten_config(yaml.safe_load(to_yaml(Config())))
-    out = [f"{k}: {then[k]!r} -> {current[k]!r}" for k in sorted(set(then) & set(current)) if then[k] != current[k]]
-    out += [f"{k}: (absent) -> {current[k]!r}" for k in sorted(set(current) - set(then))
-            if current[k] != default.get(k)]
-    ev_then, ev_now = saved.get("eval") or {}, now["eval"]
-    out += [f"eval.{k}: {ev_then.get(k)!r} -> {ev_now.get(k)!r}" for k in sorted(set(ev_then) | set(ev_now))
-            if k in ev_then and k in ev_now and ev_then[k] != ev_now[k]]
+    out = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in config_diff(then, yaml.safe_load(now["config"])).items()
+           if b is not ABSENT and (a is not ABSENT or b != default.get(k))]
+    out += [f"eval.{k}: {a!r} -> {b!r}" for k, (a, b) in config_diff(saved.get("eval") or {}, now["eval"]).items()
+            if a is not ABSENT and b is not ABSENT]
     return out
 
 
