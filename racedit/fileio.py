@@ -1,4 +1,4 @@
-"""Small file helpers shared across racedit: atomic writes and file hashes.
+"""Small file helpers shared across racedit: atomic writes, file hashes, JSON-safe values.
 
 An atomic write goes to a hidden temporary file next to the target (same filesystem, named after the
 process) and is renamed over the target only when complete, so a reader or a crash sees either the old
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -40,3 +42,24 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def json_safe(x: Any) -> Any:
+    """`x` as plain JSON values, so `json.dumps(..., allow_nan=False)` accepts it.
+
+    The one rule for every JSON file racedit writes: non-finite floats (NaN, +-inf) become None (`null`,
+    valid JSON, unlike the `NaN` that json.dumps writes by default); numpy scalars and arrays and torch
+    tensors become Python numbers and lists (anything with `.tolist()`); paths become strings; mappings
+    (keys as strings) and sequences are converted element by element. Readers show None as missing.
+    """
+    if isinstance(x, Mapping):
+        return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy scalar or array, torch tensor
+        return json_safe(x.tolist())
+    return x

@@ -32,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import json
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from racedit.evaluation.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
-from racedit.fileio import atomic_path, atomic_write_text
+from racedit.fileio import atomic_path, atomic_write_text, json_safe
 from racedit.npz import NpzImages, read_npz_metadata
 
 STATS_FORMAT = "racedit-fid-stats/1"
@@ -366,20 +365,26 @@ _SAMPLING_SHOWN = ("checkpoint", "step", "weights", "model", "sampler", "steps",
                    "per_device_batch", "inference_routing", "labels", "seed", "dtype", "codec")
 
 
+def _number(x: float | None, digits: int = 4) -> str:
+    """A metric on screen; None is a non-finite value after a JSON round trip (`json_safe`)."""
+    return "nan" if x is None else f"{x:.{digits}f}"
+
+
 def format_report(report: dict) -> str:
-    """The screen version of the report: numbers first, then the evaluation config."""
+    """The screen version of the report (as `evaluate` returns it or as read back from its JSON): numbers
+    first, then the evaluation config."""
     m = report["metrics"]
     lines = [f"== {report['label']} (racedit fid) =="]
     if "fid" in m:
-        lines.append(f"  FID        {m['fid']:.4f}")
+        lines.append(f"  FID        {_number(m['fid'])}")
     if "sfid" in m:
-        lines.append(f"  sFID       {m['sfid']:.4f}")
-    lines.append(f"  IS         {m['inception_score']:.4f} +- {m['inception_score_std']:.4f} "
+        lines.append(f"  sFID       {_number(m['sfid'])}")
+    lines.append(f"  IS         {_number(m['inception_score'])} +- {_number(m['inception_score_std'])} "
                  f"({report['settings']['isc_splits']} splits)")
     if "precision" in m:
-        lines.append(f"  precision  {m['precision']:.4f}   recall {m['recall']:.4f}  (k={report['settings']['precision_recall_k']})")
+        lines.append(f"  precision  {_number(m['precision'])}   recall {_number(m['recall'])}  (k={report['settings']['precision_recall_k']})")
     if "kid" in m:
-        lines.append(f"  KID        {m['kid']:.6f} +- {m['kid_std']:.6f}")
+        lines.append(f"  KID        {_number(m['kid'], 6)} +- {_number(m['kid_std'], 6)}")
     smp = report["samples"]
     lines.append(f"  samples    {smp['path']} ({smp['format']}, {smp['count']} of {smp['available']} images, "
                  f"{smp['image_size'][0]}x{smp['image_size'][1]})")
@@ -406,10 +411,10 @@ def format_report(report: dict) -> str:
 
 
 def save_report(report: dict, path: str | Path) -> Path:
-    """Write `evaluate`'s report as JSON (non-finite numbers as strings, so the file stays valid JSON)."""
+    """Write `evaluate`'s report as JSON (`json_safe`: non-finite numbers as null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_jsonable(report), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -418,14 +423,3 @@ def default_report_path(samples: str | Path) -> Path:
     samples = Path(samples).resolve()
     return samples.with_name((samples.stem if samples.suffix == ".npz" else samples.name) + ".fid.json")
 
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

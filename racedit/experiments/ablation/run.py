@@ -10,7 +10,6 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -37,7 +36,7 @@ from racedit.experiments.ablation.report import (
     train_seconds,
     write_report,
 )
-from racedit.fileio import atomic_write_text
+from racedit.fileio import atomic_write_text, json_safe
 from racedit.sampling import load_for_sampling, write_samples_npz
 from racedit.training.loop import TrainingDiverged, train
 from racedit.training.metrics import loss_column, read_metrics
@@ -123,13 +122,7 @@ def _finished_row(grid: Grid, v: Variant, accounting: dict, run_dir: Path, resul
     row = _variant_row(grid, v, accounting, run_dir)
     row.update(results)
     row["wall_seconds"] = row["train_seconds"] + float(results.get("eval_seconds") or 0.0)
-    return {k: _jsonable(x) for k, x in row.items()}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return json_safe(row)
 
 
 def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: list[str] | None = None,
@@ -198,7 +191,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
             status[v.name], diverged[v.name] = "diverged", message
             log(f"[{grid.name}] {v.name}: diverged ({message}); going on with the next variant")
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "message": message}, indent=1))
+            atomic_write_text(marker, json.dumps(json_safe({"fingerprint": fingerprint, "message": message}), indent=1))
             continue
         if result.step < cfg.train.steps:
             status[v.name] = "incomplete"
@@ -208,11 +201,12 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         results = _evaluate(grid, cfg, result.checkpoint, run_dir, device)
         results["resumed_from_step"] = _step_of(previous)
         results["this_call_seconds"] = time.perf_counter() - t0
-        results = {k: _jsonable(x) for k, x in results.items()}
+        results = json_safe(results)
         row = _finished_row(grid, v, accounting[v.name], run_dir, results)
         log(f"[{grid.name}] {v.name}: {grid.metric}={format_number(row.get(grid.metric))} "
             f"final loss {row['final_loss']:.4f} train {t_train:.0f}s")
-        atomic_write_text(done, json.dumps({"fingerprint": fingerprint, "results": results, "row": row}, indent=1))
+        record = json_safe({"fingerprint": fingerprint, "results": results, "row": row})
+        atomic_write_text(done, json.dumps(record, indent=1, allow_nan=False))
         rows.append(row)
     result = GridResult(out_dir=out, rows=rows, status=status, seconds=time.perf_counter() - t_grid,
                         diverged=diverged)
