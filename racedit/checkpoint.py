@@ -24,8 +24,19 @@ from safetensors.torch import load_file, save_file
 from racedit.config import Config, ConfigError, from_yaml_text, to_yaml
 from racedit.models import create_model
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"step_(\d+)")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+
+
+def step_dir_name(step: int) -> str:
+    """The name of checkpoint `step`'s directory: step_XXXXXXX (zero-padded, so names sort by step)."""
+    return f"step_{step:07d}"
+
+
+def step_of(path: str | Path | None) -> int | None:
+    """The step of a checkpoint directory named by `step_dir_name`; None for another name or no path."""
+    m = _STEP_DIR.fullmatch(Path(path).name) if path is not None else None
+    return int(m.group(1)) if m else None
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +52,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
     """Write checkpoint `step` under `ckpt_root` atomically, point `last` at it, prune old ones."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
+    final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     old = root / f".old-{final.name}-{os.getpid()}"
     try:
@@ -76,7 +87,7 @@ def _point_last(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    steps = sorted((s, p) for p in root.iterdir() if (s := step_of(p)) is not None and p.is_dir())
     for _, path in steps[:-max(keep_last, 1)]:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -106,8 +117,8 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
         return last.resolve()
     if not root.is_dir():
         return None
-    complete = [(int(m.group(1)), p) for p in root.iterdir()
-                if (m := STEP_DIR.match(p.name)) and p.is_dir() and all((p / f).exists() for f in FILES)]
+    complete = [(s, p) for p in root.iterdir()
+                if (s := step_of(p)) is not None and p.is_dir() and all((p / f).exists() for f in FILES)]
     return max(complete)[1].resolve() if complete else None
 
 

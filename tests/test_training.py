@@ -25,6 +25,8 @@ from racedit.checkpoint import (
     load_weights,
     resolve_checkpoint,
     save_checkpoint,
+    step_dir_name,
+    step_of,
 )
 from racedit.config import ConfigError
 from racedit.training.loop import TrainingDiverged, train
@@ -162,6 +164,18 @@ def test_stray_temporary_dir_is_never_a_checkpoint(tiny_config):
     assert resolve_checkpoint(root.parent).name == "step_0000004"
     done = train(tiny_config("train.steps=8"), resume=True)
     assert done.step == 8 and latest_checkpoint(root).name == "step_0000008"
+
+
+def test_step_directory_names_and_their_step():
+    assert [step_dir_name(s) for s in (0, 12, 9_999_999, 12_345_678)] == [
+        "step_0000000", "step_0000012", "step_9999999", "step_12345678"]
+    for s in (0, 12, 12_345_678):
+        assert step_of(Path("/runs/a/checkpoints") / step_dir_name(s)) == s
+    assert step_of("step_12") == 12 and step_of(Path("step_0000004")) == 4
+    for other in ("last", "step_", "step_12x", "xstep_1", ".tmp-step_1", "step_-1", None):
+        assert step_of(other) is None, other
+    names = [step_dir_name(s) for s in (3, 20, 100, 7)]
+    assert sorted(names) == [step_dir_name(s) for s in (3, 7, 20, 100)]  # zero padding: names sort by step
 
 
 # --- non-finite losses and gradients ----------------------------------------------------------------------------

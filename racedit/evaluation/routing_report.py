@@ -25,7 +25,6 @@ n_moe MoE layers.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from racedit.checkpoint import step_of
 from racedit.config import ConfigError
 from racedit.data.factory import build_training_data
 from racedit.models.records import ForwardRecord
@@ -426,11 +426,11 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
         "norms": plot_block_norms(stats, out / FIGURES["norms"]),
         "comb": plot_combination_usage(stats, out / FIGURES["comb"]),
     }
-    step = re.fullmatch(r"step_(\d+)", loaded.path.name)
+    step = step_of(loaded.path)
     mc = model.config
     header = {
         "checkpoint": f"`{_shown(loaded.path)}` ({loaded.weights} weights"
-                      + (f", step {int(step.group(1))})" if step else ")"),
+                      + (f", step {step})" if step is not None else ")"),
         "model": f"{cfg.model.name}: depth {mc.depth}, width {mc.hidden_size}, routing {mc.routing}, gating "
                  f"{mc.gating}, inference routing {mc.inference_routing}",
         "objective": cfg.diffusion.objective,

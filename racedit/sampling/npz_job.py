@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from racedit.checkpoint import step_of
 from racedit.config import SampleConfig
 from racedit.fileio import atomic_path, atomic_write_text
 from racedit.models.moe import threshold_layers
@@ -234,8 +234,7 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
 def sampling_metadata(loaded: LoadedCheckpoint, sample_cfg: SampleConfig, **extra) -> dict:
     """How samples were made: checkpoint, weights, sampler, steps, guidance, routing at inference."""
     m = loaded.model.config
-    step = re.fullmatch(r"step_(\d+)", loaded.path.name)
-    return {"checkpoint": str(loaded.path), "step": int(step.group(1)) if step else None, "weights": loaded.weights,
+    return {"checkpoint": str(loaded.path), "step": step_of(loaded.path), "weights": loaded.weights,
             "model": m.name, "objective": loaded.config.diffusion.objective, "sampler": sample_cfg.sampler,
             "steps": sample_cfg.steps, "cfg_scale": sample_cfg.cfg_scale,
             "guidance_channels": sample_cfg.guidance_channels or "all",

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from racedit.checkpoint import latest_checkpoint
+from racedit.checkpoint import latest_checkpoint, step_of
 from racedit.config import ABSENT, Config, config_diff, flatten_config, to_yaml
 from racedit.evaluation.digits import evaluate_digits_model
 from racedit.evaluation.fid import EvalSettings, evaluate, save_report
@@ -111,11 +110,6 @@ def _fingerprint_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def _step_of(checkpoint: Path | None) -> int:
-    m = re.fullmatch(r"step_(\d+)", checkpoint.name) if checkpoint is not None else None
-    return int(m.group(1)) if m else 0
-
-
 def _finished_row(grid: Grid, v: Variant, accounting: dict, run_dir: Path, results: dict) -> dict:
     """A finished variant's row: recomputed from its metrics.csv (so report changes need no retraining) plus
     the evaluation results stored in done.json."""
@@ -199,7 +193,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
             continue
         t_train = time.perf_counter() - t0
         results = _evaluate(grid, cfg, result.checkpoint, run_dir, device)
-        results["resumed_from_step"] = _step_of(previous)
+        results["resumed_from_step"] = step_of(previous) or 0
         results["this_call_seconds"] = time.perf_counter() - t0
         results = json_safe(results)
         row = _finished_row(grid, v, accounting[v.name], run_dir, results)
