@@ -99,24 +99,16 @@ def _cpu_seconds(proc) -> float:
         try:
             t = p.cpu_times()
             total += t.user + t.system
-        except Exception:  # noqa: BLE001 - a child that just exited
+        except Exception:  # a child that just exited
             pass
     return total
 
 
-class PrivateBatches(LatentBatches):
-    """`LatentBatches` whose workers return private tensors (copied into shared memory when sent): the
-    comparison for writing the batch straight into shared memory."""
-
-    def __getitem__(self, indices):
-        return self.dataset.read(indices, getattr(indices, "epoch", None), shared=False)
-
-
 def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, batches: int,
-                per_sample_collate: bool = False, batches_cls: type = LatentBatches) -> tuple[float, float]:
+                per_sample_collate: bool = False) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second over the main process and its workers).
 
-    The training loader's DataLoader (`batches_cls`, by default `LatentBatches`: whole batches per item),
+    The training loader's DataLoader (`LatentBatches`: whole batches per item),
     or with `per_sample_collate` the generic one (`batch_sampler` over `LatentDataset`: split into
     samples and re-stacked by the default collate)."""
     import psutil
@@ -128,7 +120,7 @@ def bench_reads(store: Path, batch: int, workers: int, sample_posterior: bool, b
         loader = DataLoader(ds, batch_sampler=KeyedMicroBatches(order, 0), num_workers=workers,
                             prefetch_factor=prefetch)
     else:
-        loader = DataLoader(batches_cls(ds), batch_size=None, sampler=KeyedMicroBatches(order, 0),
+        loader = DataLoader(LatentBatches(ds), batch_size=None, sampler=KeyedMicroBatches(order, 0),
                             num_workers=workers, prefetch_factor=prefetch)
     it = iter(loader)
     for _ in range(max(2, 2 * workers)):  # warm-up: workers started, first pages mapped
@@ -186,10 +178,6 @@ def main() -> None:
                     how = "per-sample collate" if collate else "LatentBatches (training)"
                     rows.append((f"read {how}, batch {args.batch}, {what}, workers={w}",
                                  f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
-        for w in [w for w in args.workers if w > 0]:
-            sps, per_cpu = bench_reads(store, args.batch, w, True, args.batches, batches_cls=PrivateBatches)
-            rows.append((f"read LatentBatches, private tensors, batch {args.batch}, posterior sample, workers={w}",
-                         f"{sps:,.0f} samples/s ({per_cpu:,.0f} per CPU-second)"))
         rows.append(("posterior noise alone (per-sample seeded torch.randn, 1 thread)",
                      f"{normal_draw_ns(args.batch):.1f} ns per normal"))
     width = max(len(r[0]) for r in rows)

@@ -202,7 +202,7 @@ def slots_read(path: str, batch: int) -> None:
     def read() -> str:
         record = ForwardRecord(diagnostics=True)
         with torch.no_grad():
-            model(noised.x_t, objective.model_time(noised.t), y, record=record, label_dropout=False)
+            model(noised.x_t, objective.model_time(noised.t), y, record=record)
         return " | ".join(f"{100 * float(record.memory[i]['slots_touched']):.1f}%" for i in sorted(record.memory))
 
     fresh = read()

@@ -55,8 +55,7 @@ def naive_kth_scores(model, objective, batches, label_dropout: float, seed: int)
             drop = torch.rand(len(x0), generator=g) < label_dropout
             labels = torch.where(drop, torch.full_like(y, model.num_classes), y)
             record = ForwardRecord()
-            model(objective.add_noise(x0, t, noise), objective.model_time(t), labels, record=record,
-                  label_dropout=False)
+            model(objective.add_noise(x0, t, noise), objective.model_time(t), labels, record=record)
             for layer in threshold_layers(model):
                 scores = record.moe[layer.layer_index].scores.double().flatten()
                 k_total = scores.numel() // layer.num_experts * layer.k

@@ -92,9 +92,10 @@ def test_resize(size):
 
 
 def test_the_digits_codec_keeps_the_raw_pixels(tiny_config):
-    """A digits run works in pixel space: what the configured codec hands the model is scikit-learn's raw
-    0..16 intensities mapped linearly to [-1, 1] (0 -> -1, 16 -> 1; read here from sklearn directly), decoding
-    gives them back, and the model side the codec derives from the data side is the configured model's."""
+    """A digits run works in pixel space: what the training data hands the model is scikit-learn's raw
+    0..16 intensities mapped linearly to [-1, 1] (0 -> -1, 16 -> 1; read here from sklearn directly), the
+    codec decodes them unchanged, and the model side the codec derives from the data side is the configured
+    model's."""
     from sklearn.datasets import load_digits
 
     cfg = tiny_config()
@@ -103,7 +104,7 @@ def test_the_digits_codec_keeps_the_raw_pixels(tiny_config):
     assert codec.model_size(cfg.data.image_size) == cfg.model.input_size
     data = build_training_data(cfg)
     rows = torch.tensor([0, 1, 2, 500, len(data.labels) - 1])
-    z = codec.encode(data.read(rows))
+    z = data.read(rows)  # model space: the digits need no encoding
     raw = load_digits()
     train = DigitsDataset("train", holdout_fraction=cfg.data.holdout_fraction)
     source = train.indices[rows].numpy()
@@ -112,7 +113,7 @@ def test_the_digits_codec_keeps_the_raw_pixels(tiny_config):
     assert torch.equal(data.labels[rows], torch.from_numpy(raw.target[source]))
     assert torch.equal(codec.decode(z), expected)
     with pytest.raises(ValueError):
-        codec.encode(torch.zeros(2, 3, 8, 8))  # wrong channel count
+        codec.decode(torch.zeros(2, 3, 8, 8))  # wrong channel count
 
 
 # ---- classifier ------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from racedit.config import ConfigError
+from racedit.diffusion.draws import MicroBatchDraws
 from racedit.models import count_macs, count_params, create_model
 from racedit.models.dit import DiTBlock, LabelEmbedder
 from racedit.models.records import ForwardRecord
@@ -295,22 +296,27 @@ def test_unpatchify_layout_and_patchify_round_trip():
     assert torch.equal(model.unpatchify(model.patchify(x)), x)
 
 
-def test_label_dropout_uses_the_null_class():
-    emb = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=0.5)
+def test_dropped_labels_embed_as_the_null_class_row():
+    emb = LabelEmbedder(num_classes=10, hidden_size=8, null_class=True)
     table = emb.embedding_table.weight
-    assert table.shape[0] == 11  # the extra row is the null class 10
-    labels = torch.arange(10).repeat(40)
-    torch.manual_seed(0)
-    out = emb(labels, train=True)
-    is_null = (out == table[10]).all(dim=1)
-    is_own = (out == table[labels]).all(dim=1)
-    assert bool((is_null | is_own).all())
-    assert 0.35 < is_null.float().mean() < 0.65  # about dropout_prob of them dropped
-    assert torch.equal(emb(labels, train=False), table[labels])  # never dropped outside training
-    emb.dropout_prob = 1.0
-    assert torch.equal(emb(labels, train=True), table[10].expand(len(labels), -1))
-    # the null label itself embeds as the null row (what CFG's unconditional half passes)
-    assert torch.equal(emb(torch.tensor([10]), train=False), table[10:11])
+    assert table.shape[0] == 11 and LabelEmbedder(10, 8, null_class=False).embedding_table.weight.shape[0] == 10
+    labels = torch.arange(10).repeat(4)
+    drop = torch.arange(40) % 3 == 0  # the caller's dropout mask (the training step's seeded draws)
+    draws = MicroBatchDraws(t=torch.zeros(40), noise=torch.zeros(40, 1), drop_labels=drop, null_class=10)
+    out = emb.train()(draws.labels(labels))
+    assert torch.equal(out[drop], table[10].expand(int(drop.sum()), -1))  # the extra row is the null class 10
+    assert torch.equal(out[~drop], table[labels[~drop]])
+    assert torch.equal(emb(labels), table[labels])  # nothing dropped inside, training mode or not
+
+
+def test_training_mode_forward_uses_the_labels_as_given(tiny_config):
+    model = create_model(tiny_config().model).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(32, 1, 8, 8), torch.arange(32) * 30, torch.arange(32) % 10
+    # DiT's in-model dropout (10% here) would change some of 32 rows with probability 1 - 0.9^32 = 97%
+    assert torch.equal(model(x, t, y), model.eval()(x, t, y))
 
 
 def test_create_model_unknown_override_names_it():

@@ -227,7 +227,7 @@ def test_target_heads_do_not_change_the_model_output_or_samples():
     for m in (with_heads, without):
         m.train()
         record = ForwardRecord()
-        train_out = m(x, t, y, record=record, label_dropout=False)
+        train_out = m(x, t, y, record=record)
         update_thresholds(m, [record.kth_scores()])  # the thresholds the eval forward uses
         m.eval()
         with torch.no_grad():

@@ -61,16 +61,16 @@ def test_fresh_model_with_memory_equals_model_without(kind, name):
     assert not result.unexpected_keys
     assert result.missing_keys and all(".memory." in k for k in result.missing_keys)
     x, t, y = _inputs()
-    ref = base(x, t, y, label_dropout=False)
+    ref = base(x, t, y)
     rec = ForwardRecord(diagnostics=True)
-    out = model(x, t, y, record=rec, label_dropout=False)
+    out = model(x, t, y, record=rec)
     assert ref.abs().max() > 1e-2
     assert torch.equal(out, ref)  # exactly: the memory branch enters through a zero gate
     assert sorted(rec.memory) == [0, 1]
     # ... and the test can fail: an open gate changes the output.
     with torch.no_grad():
         model.blocks[1].memory.adaLN_gate[-1].bias.fill_(0.5)
-    assert (model(x, t, y, label_dropout=False) - ref).abs().max() > 1e-6
+    assert (model(x, t, y) - ref).abs().max() > 1e-6
 
 
 def test_memory_blocks_selects_blocks_and_rejects_bad_indices():

@@ -45,7 +45,7 @@ def copies_per_chunk(moe_model, x, t, y, train: bool) -> torch.Tensor:
     moe_model.train(train)
     record = ForwardRecord()
     with torch.no_grad():
-        moe_model(x, t, y, record=record, label_dropout=False)
+        moe_model(x, t, y, record=record)
     moe_model.eval()
     out = []
     for i, block in enumerate(moe_model.blocks):
@@ -63,7 +63,7 @@ def test_e_equals_k_gives_the_dense_output(gating):
         ref = dense(x, t, y)
         for train in (False, True):  # eval: threshold routing; train: the batch race (K = N k = all pairs)
             moe.train(train)
-            torch.testing.assert_close(moe(x, t, y, label_dropout=False), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(moe(x, t, y), ref, atol=1e-5, rtol=1e-5)
     moe.eval()
     assert copies_per_chunk(moe, x, t, y, train=False).eq(1).all()
 
@@ -121,7 +121,7 @@ def test_upcycled_model_trains():
     moe = convert.upcycle(random_dense(), "RaceDiT-S/2-2in8")
     moe.train()
     x, t, y = batch()
-    moe(x, t, y, label_dropout=False).square().mean().backward()
+    moe(x, t, y).square().mean().backward()
     mlp = moe.blocks[1].mlp
     for p in (mlp.experts.w1, mlp.experts.w2, mlp.router.gate_head.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0

@@ -3,10 +3,11 @@
 Letters (docs/method/README.md): B images, C_img image channels (1 for digits, 3 for RGB), H_img x W_img
 image side, C model-space channels, H x W model-space side = (H_img / downsample) x (W_img / downsample).
 
-`encode` maps images x (B, C_img, H_img, W_img) in [-1, 1] to model-space tensors z (B, C, H, W); `decode`
-maps back.
-Training and sampling only ever call this interface, so nothing else knows whether the model works on
-pixels (`IdentityCodec`, the digits) or on VAE latents (the diffusers AutoencoderKL codec, below).
+`decode` maps model-space tensors z (B, C, H, W) to images x (B, C_img, H_img, W_img) in [-1, 1].
+Sampling only ever calls this interface, so nothing else knows whether the model works on pixels
+(`IdentityCodec`, the digits) or on VAE latents (the diffusers AutoencoderKL codec, below). Training never
+encodes: the digits are already pixels, and latents are encoded once, ahead of training, by
+`racedit.data.latent_extract` (`AutoencoderKLCodec.encode_moments`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 
 class Codec(ABC):
-    """Encode images to model space and decode model-space tensors back to images.
+    """Decode model-space tensors to images.
 
     Subclasses set `channels` (C, model-space channels) and `downsample` (image side / model side), and
     override `to` when they hold weights.
@@ -26,11 +27,6 @@ class Codec(ABC):
 
     channels: int
     downsample: int
-
-    @abstractmethod
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C_img, H_img, W_img) in [-1, 1] -> model-space z (B, C, H, W), H = H_img / downsample,
-        W = W_img / downsample."""
 
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -49,7 +45,7 @@ class Codec(ABC):
 
 
 class IdentityCodec(Codec):
-    """Pixel space: z is the image itself (digits). `encode` and `decode` return their input, not a copy."""
+    """Pixel space: z is the image itself (digits). `decode` returns its input, not a copy."""
 
     downsample = 1
 
@@ -62,10 +58,6 @@ class IdentityCodec(Codec):
         if t.ndim != 4 or t.shape[1] != self.channels:
             raise ValueError(f"IdentityCodec.{what} expects (B, {self.channels}, H, W), got {tuple(t.shape)}")
         return t
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C_img, H_img, W_img) -> the same tensor (C = C_img, downsample 1)."""
-        return self._check(x, "encode")
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Model-space (B, C, H, W) -> the same tensor."""
@@ -115,7 +107,7 @@ class AutoencoderKLCodec(Codec):
     `scaling_factor` / `shift_factor` default to the VAE config's; pass the values latents were *stored*
     with (the latent manifest's) when decoding stored latents with another VAE. `channels` / `downsample`
     may be given (from a manifest) so that reading them does not load the VAE; otherwise they come from
-    the VAE config. The weights load at the first `encode`/`decode` (training on stored latents never
+    the VAE config. The weights load at the first `encode_moments`/`decode` (training on stored latents never
     needs them; sampling does), on the device and dtype last given to `to` (default CPU, float32).
     """
 
@@ -194,10 +186,6 @@ class AutoencoderKLCodec(Codec):
         sf = self.scaling_factor
         mean = (dist.mean.float() - self.shift_factor) * sf
         return mean, dist.std.float() * sf
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H_img, W_img) in [-1, 1] -> the scaled posterior mean z (B, C, H, W) float32."""
-        return self.encode_moments(x)[0]
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

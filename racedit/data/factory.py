@@ -136,7 +136,7 @@ def build_training_data(cfg: Config) -> TrainingData | LatentTrainingData:
 
 
 def build_codec(cfg: Config, vae: str | None = None) -> Codec:
-    """The encode/decode interface of the run's data space.
+    """The decoder from the run's model space to images (`Codec`).
 
     digits: identity on the pixels. latents: an `AutoencoderKLCodec` (the VAE loads on first use) with
     the VAE `vae`, else `cfg.data.vae`, else the one named in the latent manifest, and the scaling the

@@ -120,7 +120,7 @@ class ImageFolder(Dataset):
         rel, label = self.files[i]
         try:
             arr = load_image(self.root / rel, self.image_size)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "not a usable image"
+        except Exception as e:  # any decoder failure means "not a usable image"
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             return {"image": None, "label": label, "index": i, "error": reason}
         return {"image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(), "label": label, "index": i,

@@ -22,13 +22,12 @@ std = posterior std * scaling_factor: a latent in model space is mean + std * N(
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from racedit.seeding import Purpose, seed_for
 
@@ -139,11 +138,8 @@ class LatentDataset(Dataset):
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _moments=None, _gen=None, _scratch=None)
 
-    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None,
-             shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: x (B, C, H, W) float32, y (B,) int64 for dataset indices (B,) under randomness key `epoch`.
-
-        `shared` puts x in shared memory, so a DataLoader worker hands it over without a copy."""
+    def read(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: x (B, C, H, W) float32, y (B,) int64 for dataset indices (B,) under randomness key `epoch`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n_all = len(self)
         if len(idx) and (idx.min() < 0 or idx.max() >= n_all):
@@ -163,7 +159,7 @@ class LatentDataset(Dataset):
                 sel = shard == s
                 picked[sel] = moments[s][row[sel], flips[sel]]
         t = torch.from_numpy(np.ascontiguousarray(picked))
-        x = _empty((len(idx), *self.latent_shape), shared)
+        x = torch.empty((len(idx), *self.latent_shape), dtype=torch.float32)
         if not (self.sample_posterior and len(idx)):
             return x.copy_(t[:, 0]), self.labels[torch.from_numpy(idx)]
         if self._gen is None:
@@ -209,16 +205,5 @@ class LatentBatches(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        in_worker = get_worker_info() is not None
-        return self.dataset.read(indices, getattr(indices, "epoch", None), shared=in_worker)
-
-
-def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """An uninitialised float32 CPU tensor; with `shared`, in shared memory from the start. A worker's
-    result that is not shared gets copied into shared memory when it is sent; torch's own default_collate
-    allocates its batches in the same way (on 2 cores the saving is within the noise: bench/latents.py)."""
-    if not shared:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.float32.itemsize)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        return self.dataset.read(indices, getattr(indices, "epoch", None))
 

@@ -143,7 +143,7 @@ def generate(
     generator: draws the initial noise (and the `ddpm` sampler's step noise); must live on `y.device`.
     noise: optional initial x_T (B, C, H, W) instead of drawing it.
     Runs on `y.device` under no_grad. The model's train/eval mode is left as it is: call `model.eval()`
-    first (label dropout and batch-dependent routing are training-mode behaviour).
+    first (batch-dependent routing is training-mode behaviour).
     """
     _check_sampler(objective, sampler)
     batch, device = y.shape[0], y.device

@@ -86,21 +86,19 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels (B,) -> (B, D), with label dropout for classifier-free guidance.
+    """Class labels (B,) -> (B, D). With `null_class`, label `num_classes` has its own row: the class of
+    classifier-free guidance's unconditional half and of dropped labels.
 
-    The null class is `num_classes` (an extra table row, present when dropout_prob > 0).
+    Labels are dropped by the caller, from its seeded draws (`MicroBatchDraws.labels`), not in here, so a
+    training step does not depend on the global RNG.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int, null_class: bool):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.embedding_table = nn.Embedding(num_classes + int(null_class), hidden_size)
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(labels)
 
 
@@ -220,7 +218,7 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, d, bias=True)
         self.t_embedder = TimestepEmbedder(d, freq_shift=cfg.timestep_freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, null_class=cfg.class_dropout_prob > 0)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table, kept as a frozen parameter as in DiT (so it counts in DiT's parameter table).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, d), requires_grad=False)
@@ -283,18 +281,16 @@ class DiT(nn.Module):
         """(B, C, H, W) -> (B, L, p*p*C), the inverse of `unpatchify` (used for per-token targets)."""
         return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch_size, q=self.patch_size)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-              label_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings (B, L, D) and conditioning c (B, D)."""
         tokens = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, label_dropout)
+        c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, record: ForwardRecord | None = None,
-                label_dropout: bool | None = None) -> torch.Tensor:
-        """`label_dropout`: None drops labels in training mode (DiT's behaviour); False never drops, for
-        callers that applied their own seeded dropout (the training loop, so runs are reproducible)."""
-        h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, record: ForwardRecord | None = None) -> torch.Tensor:
+        """y is used as given, in training mode too: unlike DiT, label dropout is the caller's (the training
+        step's seeded `MicroBatchDraws.labels`), with the null class `num_classes`."""
+        h, c = self.embed(x, t, y)
         h = expand_streams(h, self.config)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

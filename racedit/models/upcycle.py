@@ -192,7 +192,7 @@ def moe_dense_gap(dense: DiT, moe_model: DiT, x: torch.Tensor, t: torch.Tensor, 
     layer = 0.0
     with local_selection(moe_model):
         moe_model.train(train_mode)
-        out = moe_model(x, t, y, label_dropout=False)
+        out = moe_model(x, t, y)
         for i, (dense_block, block) in enumerate(zip(dense.blocks, moe_model.blocks)):
             a, b = block.mlp(inputs[i]), dense_block.mlp(inputs[i])
             layer = max(layer, float((a - b).norm() / b.norm().clamp_min(1e-30)))

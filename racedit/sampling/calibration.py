@@ -89,7 +89,7 @@ def calibrate_thresholds(model: torch.nn.Module, objective: Objective, batches: 
                                         model.num_classes)
                 s = objective.sample(x0, t=draws.t, noise=draws.noise)
                 record = ForwardRecord()
-                model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
+                model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record)
                 for i in sums:
                     sums[i] = sums[i] + record.moe[i].kth_score.double()
     finally:

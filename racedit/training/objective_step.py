@@ -24,7 +24,7 @@ def training_losses(model, objective: Objective, x0: torch.Tensor, y: torch.Tens
     and added to "loss" times its coefficient; losses switched off are not computed.
     """
     s = objective.sample(x0, t=draws.t, noise=draws.noise.to(x0.dtype))
-    out = model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record, label_dropout=False)
+    out = model(s.x_t, objective.model_time(s.t), draws.labels(y), record=record)
     terms = objective.loss(out, s)
     aux = auxiliary_losses(record, loss_cfg, s.target)
     if aux:
