@@ -8,6 +8,7 @@ below are the config reference: every field carries a comment.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -336,8 +337,25 @@ def _get(obj: Any, path: str) -> Any:
     return obj
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML onto the defaults, apply `a.b=c` overrides, validate, and return a typed `Config`."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """An `a.b=c` override -> (dotted key, value), the value parsed as YAML by OmegaConf (as on the command line)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+    key = item.split("=", 1)[0]  # as OmegaConf reads it: a stray space stays part of the (unknown) key
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise _explain(e, f"override {item!r}", key) from None
+    for part in key.split("."):
+        value = value[part]
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] | None = None) -> Config:
+    """Load YAML onto the defaults, apply the overrides in order, validate, and return a typed `Config`.
+
+    An override is an `a.b=c` string (`parse_override`) or a (dotted key, value) pair whose value is set as
+    it is, with OmegaConf.update (the ablation grid's typed overrides)."""
     schema = OmegaConf.structured(Config)
     if path is not None:
         where = str(path)
@@ -353,14 +371,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as e:
             raise _explain(e, where) from None
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
-        key = item.split("=", 1)[0].strip()
-        where = f"override {item!r}"
+        key, value = parse_override(item) if isinstance(item, str) else item
+        where = f"override {item!r}" if isinstance(item, str) else f"override {key}={value!r}"
+        tree = value
+        for part in reversed(key.split(".")):
+            tree = {part: tree}
+        _check_sections(tree, Config, "", where)
         try:
-            dot = OmegaConf.from_dotlist([item])
-            _check_sections(OmegaConf.to_container(dot), Config, "", where)
-            schema = OmegaConf.merge(schema, dot)
+            OmegaConf.update(schema, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise _explain(e, where, key) from None
     validate(schema)

@@ -119,12 +119,27 @@ def test_variants_differ_only_in_their_overrides(tmp_path):
         diff = config_diff(base, configs[v.name])
         diff.pop("train.out_dir")
         assert configs[v.name].train.out_dir == str(tmp_path / "out" / v.name)
-        expected = {o.split("=")[0] for o in v.overrides}
+        expected = {k for k, _ in v.overrides}
         changed = {k for k, (a, b) in diff.items()}
         assert changed <= expected, (v.name, diff)
-        assert all(str(diff[k][1]) == o.split("=", 1)[1] for o in v.overrides if (k := o.split("=")[0]) in diff)
+        assert all(diff[k][1] == value for k, value in v.overrides if k in diff)
     # the shared budget stays shared: same seed, steps, batch, sampling in every variant
     assert len({(c.train.seed, c.train.steps, c.train.global_batch, c.sample.steps) for c in configs.values()}) == 1
+
+
+def test_override_values_reach_the_config_with_their_yaml_types(tmp_path):
+    """No round trip through "a.b=c" text: a string that reads as YAML ('x: y', 'null', '1e-3') stays a string."""
+    odd = {"train.init_from": "runs/a: b #c", "train.lr": 0.002, "model.router_target_head": True}
+    grid = load_grid(_write_grid(tmp_path, variants=[{"name": "odd", "overrides": odd},
+                                                     {"name": "null", "overrides": {"train.init_from": "null"}},
+                                                     {"name": "text", "overrides": ["train.lr=1e-3"]}]))
+    configs = resolve_variants(grid, tmp_path / "out")
+    got = configs["odd"]
+    assert (got.train.init_from, got.train.lr, got.model.router_target_head) == ("runs/a: b #c", 0.002, True)
+    assert configs["null"].train.init_from == "null" and configs["text"].train.lr == 1e-3
+    assert grid.variant("odd").overrides == list(odd.items())
+    assert ablation.overrides_text(grid.variant("odd").overrides) == (
+        "train.init_from=runs/a: b #c train.lr=0.002 model.router_target_head=true")
 
 
 def test_bad_grids_fail_with_a_clear_message(tmp_path):

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from racedit.config import ConfigError
 from racedit.diffusion.draws import MicroBatchDraws
 from racedit.models import count_macs, count_params, create_model
-from racedit.models.dit import DiTBlock, LabelEmbedder
+from racedit.models.dit import DiTBlock, LabelEmbedder, TimestepEmbedder
 from racedit.models.records import ForwardRecord
 
 # DiT paper's model table (arXiv 2212.09748): name -> (depth, width, heads, params in M, forward GMACs at 256px).
@@ -324,3 +324,18 @@ def test_create_model_unknown_override_names_it():
         create_model("DiT-S/2", hiden_size=64)
     with pytest.raises(ConfigError, match="DiT-Q/2"):
         create_model("DiT-Q/2")
+
+
+@pytest.mark.parametrize("freq_shift", [0.0, 1.0])
+def test_timestep_sinusoid_is_cos_then_sin_of_the_frequency_ladder(freq_shift):
+    """DiT's (freq_shift 0) and diffusers' (1) sinusoid, written out in float64: cos(t w_j) then sin(t w_j),
+    w_j = exp(-ln(10^4) j / (128 - freq_shift)), j < 128."""
+    t = torch.tensor([0.0, 1.0, 17.0, 250.5, 999.0])
+    w = torch.exp(-math.log(10000.0) * torch.arange(128, dtype=torch.float64) / (128 - freq_shift))
+    args = t.double()[:, None] * w[None]
+    reference = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    got = TimestepEmbedder(32, frequency_embedding_size=256, freq_shift=freq_shift).sinusoid(t)
+    assert got.dtype == torch.float32 and got.shape == (5, 256)
+    torch.testing.assert_close(got.double(), reference, atol=1e-4, rtol=0)  # float32 arguments up to ~1e3
+    other = TimestepEmbedder(32, frequency_embedding_size=256, freq_shift=1.0 - freq_shift).sinusoid(t)
+    assert (other.double() - reference).abs().max() > 0.1  # the two ladders are told apart

@@ -168,3 +168,12 @@ def test_upcycle_cli_then_sample(tmp_path):
         "routing": "token_choice", "threshold_decay": 0.9}
     with pytest.raises(ConversionError, match="model.key=value"):
         convert.parse_model_overrides(["train.steps=3"])
+
+
+def test_model_overrides_are_typed_and_checked_like_config_overrides():
+    assert convert.parse_model_overrides(["model.memory_blocks=[1, 2]", "model.router_target_head=true"]) == {
+        "memory_blocks": [1, 2], "router_target_head": True}
+    with pytest.raises(ConversionError, match="'model.threshold_decay'.*not of type float"):
+        convert.parse_model_overrides(["model.threshold_decay=fast"])
+    with pytest.raises(ConversionError, match="'model.routing'.*Allowed"):  # a choice, checked before upcycling
+        convert.parse_model_overrides(["model.routing=nearest"])

@@ -194,6 +194,7 @@ def run_ablate(args) -> int:
     from racedit.experiments.ablation import (
         check_compute,
         load_grid,
+        overrides_text,
         resolve_variants,
         run_grid,
         variant_accounting,
@@ -210,7 +211,7 @@ def run_ablate(args) -> int:
         for name, cfg in configs.items():
             acc = variant_accounting(cfg)
             print(f"{name:28s} MACs {human_count(acc['macs']):>7s}  act. params {human_count(acc['params_activated']):>7s}"
-                  f"  {' '.join(grid.variant(name).overrides)}")
+                  f"  {overrides_text(grid.variant(name).overrides)}")
         check_compute(grid, {n: variant_accounting(c) for n, c in configs.items()})
         return 0
     result = run_grid(grid, args.out, args.set, only=args.only, device=args.device,

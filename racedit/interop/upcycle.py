@@ -10,10 +10,7 @@ from pathlib import Path
 import torch
 
 from racedit.checkpoint import load_model
-from racedit.config import (
-    Config,
-    validate,
-)
+from racedit.config import ConfigError, load_config, validate
 from racedit.interop.common import ConversionError, fresh_out_dir, save_converted
 from racedit.models.upcycle import moe_dense_gap, upcycle
 
@@ -44,19 +41,13 @@ def upcycle_checkpoint(ckpt: str | Path, to: str, out: str | Path, noise_std: fl
 
 
 def parse_model_overrides(items: list[str]) -> dict:
-    """`model.key=value` strings -> {key: typed value} for `upcycle` (types checked against ModelConfig)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    out = {}
-    for item in items:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.startswith("model."):
+    """`model.key=value` strings -> {key: typed value} for `upcycle` (parsed and type-checked by `load_config`)."""
+    keys = [item.partition("=")[0] for item in items]
+    for item, key in zip(items, keys):
+        if "=" not in item or not key.startswith("model."):
             raise ConversionError(f"override {item!r} is not of the form model.key=value (e.g. model.gating=sigmoid)")
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConversionError(f"override {item!r}: {str(e).splitlines()[0]}") from None
-        name = key.split(".", 1)[1]
-        out[name] = OmegaConf.to_object(merged.model).__dict__[name]
-    return out
+    try:
+        model = load_config(None, items).model
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+    return {key.split(".", 1)[1]: getattr(model, key.split(".", 1)[1]) for key in keys}

@@ -13,10 +13,9 @@ through its own zero-initialised gate. All zero-inits live in `DiT.initialize_we
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
+from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange
 from timm.models.vision_transformer import Attention, PatchEmbed
 from torch.utils.checkpoint import checkpoint
@@ -53,7 +52,9 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps (B,) -> (B, D): 256-dim sinusoidal frequency embedding, then a 2-layer MLP.
 
-    `freq_shift` 0 is DiT's frequency ladder; 1 is the one of diffusers' DiTTransformer2DModel.
+    The sinusoid is diffusers' `get_timestep_embedding`, cosines first: cos(t w_j), then sin(t w_j), with
+    w_j = exp(-ln(10^4) j / (128 - freq_shift)). `freq_shift` 0 is DiT's frequency ladder; 1 is the one of
+    diffusers' DiTTransformer2DModel. The MLP keeps DiT's key names (mlp.0, mlp.2).
     """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
@@ -66,23 +67,13 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
         self.freq_shift = freq_shift
 
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
-                           freq_shift: float = 0.0) -> torch.Tensor:
-        """(B,) float timesteps -> (B, dim): cosines of all frequencies exp(-ln(max_period) i / (dim/2 - freq_shift)),
-        then sines."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                          / (half - freq_shift))
-        args = t.float()[:, None] * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, frequency_embedding_size) float32."""
+        return get_timestep_embedding(t, self.frequency_embedding_size, flip_sin_to_cos=True,
+                                      downscale_freq_shift=self.freq_shift, max_period=10000)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

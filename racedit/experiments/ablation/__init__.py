@@ -10,6 +10,7 @@ from racedit.experiments.ablation.grid import (
     Variant,
     check_compute,
     load_grid,
+    overrides_text,
     resolve_variants,
     variant_accounting,
 )
@@ -18,6 +19,6 @@ from racedit.experiments.ablation.run import GridResult, run_grid
 
 __all__ = [
     "GridError", "ComputeMismatchError", "Variant", "EvalSpec", "Grid", "GridResult", "FIXED_KEYS", "load_grid",
-    "resolve_variants", "variant_accounting", "check_compute", "smooth", "routing_columns",
+    "overrides_text", "resolve_variants", "variant_accounting", "check_compute", "smooth", "routing_columns",
     "run_grid", "write_report",
 ]

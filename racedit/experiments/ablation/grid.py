@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from racedit.config import Config, ConfigError, load_config
+from racedit.config import Config, ConfigError, load_config, parse_override
 from racedit.models import count_macs, count_params, create_model, resolve_model_config
 from racedit.models.routing import group_layout
 
@@ -79,12 +79,20 @@ DEFAULT_METRIC = {"digits": "digits_fd", "fid": "fid", "none": "final_loss"}
 DIVERGED = "diverged.json"  # in a variant's run dir: it diverged with this config; skipped until deleted
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
+Overrides = list[tuple[str, Any]]  # (dotted config key, typed value) pairs, applied in order
+
+
+def overrides_text(overrides: Overrides) -> str:
+    """Overrides as `a.b=c` words, for tables and logs (values that are not strings in YAML/JSON form)."""
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides)
+
+
 @dataclass
 class Variant:
-    """One named set of overrides (`a.b=c` strings) and the paper's number for it, if the grid gives one."""
+    """One named set of overrides and the paper's number for it, if the grid gives one."""
 
     name: str
-    overrides: list[str]
+    overrides: Overrides
     reference: float | None = None
 
 
@@ -122,7 +130,7 @@ class Grid:
     name: str
     path: Path | None
     base: Path | None
-    overrides: list[str]
+    overrides: Overrides
     variants: list[Variant]
     eval: EvalSpec
     metric: str
@@ -145,30 +153,19 @@ class Grid:
 # ----------------------------------------------------------------------------------------------- grid files
 
 
-def _format_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return str(v)
-
-
-def _override_list(value: Any, where: str) -> list[str]:
-    """A mapping {a.b: c} or a list of "a.b=c" strings -> ["a.b=c", ...]."""
+def _override_list(value: Any, where: str) -> Overrides:
+    """A mapping {a.b: c} (values kept as YAML typed them) or a list of "a.b=c" strings -> [(a.b, c), ...]."""
     if value is None:
         return []
     if isinstance(value, dict):
-        return [f"{k}={_format_value(v)}" for k, v in value.items()]
+        return [(str(k), v) for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
-        return list(value)
+        try:
+            return [parse_override(x) for x in value]
+        except ConfigError as e:
+            raise GridError(f"{where}: {e}") from None
     raise GridError(f"{where}: overrides must be a mapping of config keys to values or a list of 'a.b=c' "
                     f"strings, got {value!r}")
-
-
-def _override_keys(overrides: list[str]) -> list[str]:
-    return [o.split("=", 1)[0].strip() for o in overrides]
 
 
 def _check_name(name: Any, where: str) -> str:
@@ -202,7 +199,7 @@ def _axis_entries(axis: str, values: Any, where: str) -> list[Variant]:
             if "." not in axis:
                 raise GridError(f"{where}: axis {axis!r} has plain values, so its name must be a config key "
                                 f"(e.g. model.gating); or give entries as {{name, overrides}}")
-            out.append(Variant(_check_name(value, f"{where}, axis {axis!r}"), [f"{axis}={_format_value(value)}"]))
+            out.append(Variant(_check_name(value, f"{where}, axis {axis!r}"), [(axis, value)]))
     return out
 
 
@@ -247,8 +244,7 @@ def parse_grid(spec: dict, path: Path | None = None) -> Grid:
     if dupes:
         raise GridError(f"{where}: duplicate variant names {dupes}")
     for v in variants:
-        fixed = [k for k in _override_keys(v.overrides) if any(k == f or (f.endswith(".") and k.startswith(f))
-                                                             for f in FIXED_KEYS)]
+        fixed = [k for k, _ in v.overrides if any(k == f or (f.endswith(".") and k.startswith(f)) for f in FIXED_KEYS)]
         if fixed:
             raise GridError(f"{where}: variant {v.name!r} overrides {fixed}, which every variant must share "
                             f"(seed, steps, batch, data, sampling, logging); set them in the grid's 'overrides'")
@@ -298,15 +294,16 @@ def load_grid(path: str | Path) -> Grid:
 
 def resolve_variants(grid: Grid, out_dir: str | Path | None = None, extra: list[str] | None = None
                      ) -> dict[str, Config]:
-    """Variant name -> its validated Config: base file, grid overrides, `extra` (command-line `--set`),
-    the variant's overrides, then train.out_dir = <out>/<variant> and the grid's digits sample count."""
+    """Variant name -> its validated Config: base file, grid overrides, `extra` (command-line `--set`
+    `a.b=c` strings), the variant's overrides, then train.out_dir = <out>/<variant> and the grid's digits
+    sample count."""
     out = Path(out_dir) if out_dir is not None else grid.out_dir
     common = [*grid.overrides, *(extra or [])]
     resolved = {}
     for v in grid.variants:
-        own = [f"train.out_dir={out / v.name}"]
+        own = [("train.out_dir", str(out / v.name))]
         if grid.eval.kind == "digits" and grid.eval.samples_per_class is not None:
-            own.append(f"train.eval_samples_per_class={grid.eval.samples_per_class}")
+            own.append(("train.eval_samples_per_class", grid.eval.samples_per_class))
         try:
             cfg = load_config(grid.base, [*common, *v.overrides, *own])
         except ConfigError as e:

@@ -23,6 +23,7 @@ from racedit.experiments.ablation.grid import (
     Variant,
     check_compute,
     load_grid,
+    overrides_text,
     resolve_variants,
     variant_accounting,
 )
@@ -80,7 +81,7 @@ def _variant_row(grid: Grid, v: Variant, accounting: dict, run_dir: Path) -> dic
     col = loss_column(header)
     steps, losses = loss_curve(train_rows, col)
     smoothed = smooth(losses, grid.smoothing)
-    row = {"variant": v.name, "overrides": " ".join(v.overrides),
+    row = {"variant": v.name, "overrides": overrides_text(v.overrides),
            "final_loss": losses[-1] if losses else math.nan,
            "final_loss_smoothed": smoothed[-1] if smoothed else math.nan,
            "final_total_loss": last_values(train_rows, ["loss"]).get("loss", math.nan),
@@ -175,7 +176,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
         previous = latest_checkpoint(run_dir / "checkpoints")
         status[v.name] = "resumed" if previous is not None else "trained"
         log(f"[{grid.name}] {v.name}: {'resuming from ' + previous.name if previous else 'training'} "
-            f"({' '.join(v.overrides) or 'base'})")
+            f"({overrides_text(v.overrides) or 'base'})")
         t0 = time.perf_counter()
         train_cfg = replace(cfg, train=replace(cfg.train, eval_samples_per_class=0))  # the runner evaluates
         try:
