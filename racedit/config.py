@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from racedit.presets import resolve_preset
+from racedit.presets import check_k_in_e, resolve_preset
 
 
 class ConfigError(ValueError):
@@ -264,6 +264,7 @@ def validate(cfg: DictConfig | Config) -> None:
         resolve_preset(model.name)
     except KeyError as e:
         raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
+    check_moe_shape(model)
     objective, sampler = cfg.diffusion.objective, cfg.sample.sampler
     if sampler not in SAMPLERS[objective]:
         raise ConfigError(f"bad value for 'sample.sampler': {sampler!r} does not apply to diffusion.objective="
@@ -286,6 +287,22 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.data.kind == "latents" and not cfg.data.latents and not cfg.data.vae:
         raise ConfigError("'data.latents' must name the latent directory when data.kind=latents "
                           "(a checkpoint used only for sampling may name its VAE in 'data.vae' instead)")
+
+
+def check_moe_shape(model: Any) -> None:
+    """Raise ConfigError unless a model's k-in-E shape is sound: model.moe_k / model.moe_experts where set,
+    else the preset's -kinE. E = 0 is a dense model (k must then be 0 too). The boundary check of this value
+    for configs (`validate`) and for models built in code (`racedit.models.resolve_model_config`)."""
+    preset = resolve_preset(model.name)
+    k = preset["moe_k"] if model.moe_k is None else model.moe_k
+    experts = preset["moe_experts"] if model.moe_experts is None else model.moe_experts
+    if not (k or experts):
+        return
+    try:
+        check_k_in_e(k, experts)
+    except ValueError:
+        raise ConfigError(f"bad MoE shape of model '{model.name}': need 1 <= model.moe_k <= model.moe_experts "
+                          f"(the name's -kinE where they are not set), got k={k}, E={experts}") from None
 
 
 def log_with_names(value: Any) -> list[str]:

@@ -37,8 +37,14 @@ def resolve_preset(name: str) -> dict[str, int]:
                        f"accepted: {accepted}")
     depth, hidden, heads = SIZES[size]
     k_, e_ = (int(k), int(experts)) if k is not None else (0, 0)
-    if k is not None and not 1 <= k_ <= e_:
-        raise KeyError(f"unknown model preset {name!r}: need 1 <= k <= E in '-kinE'")
+    # -kinE is checked (1 <= k <= E) with the model's other options, by racedit.config.check_moe_shape
     return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch),
             "moe_k": k_, "moe_experts": e_}
+
+
+def check_k_in_e(k: int, experts: int) -> None:
+    """The one test of a MoE layer's shape (E experts, k of them per token on average): 1 <= k <= E.
+    Raises ValueError."""
+    if not 1 <= k <= experts:
+        raise ValueError(f"a MoE needs 1 <= k <= E (experts per token, experts), got k={k}, E={experts}")
 

@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from racedit.config import ABSENT, Config, ConfigError, config_diff, from_yaml_text, load_config, to_yaml
-from racedit.models import resolve_model_config
+from racedit.models import create_model, resolve_model_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -173,3 +173,21 @@ def test_config_diff_of_a_hand_built_pair():
     # plain mappings (parsed YAML), with keys only one side has
     assert config_diff({"train": {"seed": 0, "lr": 1.0}}, {"train": {"seed": 1}, "new": {"x": None}}) == {
         "new.x": (ABSENT, None), "train.lr": (1.0, ABSENT), "train.seed": (0, 1)}
+
+
+@pytest.mark.parametrize("items,k,e", [
+    (["model.name=RaceDiT-S/2-9in8"], 9, 8), (["model.name=RaceDiT-S/2-0in8"], 0, 8),
+    (["model.name=RaceDiT-S/2-2in0"], 2, 0), (["model.name=RaceDiT-S/2-2in8", "model.moe_k=9"], 9, 8),
+    (["model.name=DiT-S/2", "model.moe_k=2"], 2, 0),  # k without experts: not silently dense
+])
+def test_a_bad_moe_shape_is_refused_at_load_time_naming_the_keys(items, k, e):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, items)
+    msg = str(info.value)
+    assert "model.moe_k" in msg and "model.moe_experts" in msg and f"got k={k}, E={e}" in msg
+    assert load_config(None, ["model.name=DiT-S/2", "model.moe_experts=4", "model.moe_k=4"]).model.moe_k == 4
+
+
+def test_models_built_in_code_get_the_same_moe_shape_check():
+    with pytest.raises(ConfigError, match=r"model.moe_k <= model.moe_experts.*got k=9, E=8"):
+        create_model("RaceDiT-S/2-2in8", moe_k=9)

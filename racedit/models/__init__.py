@@ -8,7 +8,7 @@ from dataclasses import fields, replace
 import torch
 import torch.nn as nn
 
-from racedit.config import ConfigError, ModelConfig
+from racedit.config import ConfigError, ModelConfig, check_moe_shape
 from racedit.models.dit import DiT, DiTBlock, build_feedforward
 from racedit.models.memory import read_macs_per_token
 from racedit.presets import resolve_preset
@@ -24,9 +24,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
     filled = {key: value for key, value in preset.items() if getattr(cfg, key) is None}
     cfg = replace(cfg, **filled)
-    if cfg.moe_experts and not 1 <= cfg.moe_k <= cfg.moe_experts:
-        raise ConfigError(f"bad MoE shape: need 1 <= model.moe_k <= model.moe_experts, got k={cfg.moe_k}, "
-                          f"E={cfg.moe_experts}")
+    check_moe_shape(cfg)
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
     if cfg.input_size % cfg.patch_size:

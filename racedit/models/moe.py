@@ -35,6 +35,7 @@ from racedit.models.routing import (
     threshold_mask,
     update_threshold_,
 )
+from racedit.presets import check_k_in_e
 
 # (device type, dtype, D, h) -> whether torch's grouped matmul runs forward and backward there.
 _GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype, int, int], bool] = {}
@@ -268,8 +269,7 @@ class Router(nn.Module):
             raise ValueError(f"unknown gating {gating!r}; allowed: {list(GATINGS)}")
         if race_scope not in ("local", "global"):
             raise ValueError(f"unknown race_scope {race_scope!r}; allowed: ['local', 'global']")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"MoE needs 1 <= k <= E, got k={k}, E={num_experts}")
+        check_k_in_e(k, num_experts)
         self.num_experts, self.k = num_experts, k
         self.routing, self.gating, self.race_scope = routing, gating, race_scope
         self.trunk = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"))

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from racedit.presets import check_k_in_e
+
 STRATEGIES = ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race")
 GATINGS = ("identity", "sigmoid", "softmax")
 # Strategies whose selection for one token depends on other tokens' scores; these keep a threshold.
@@ -57,8 +59,7 @@ def group_layout(strategy: str, B: int, L: int, E: int, k: int) -> tuple[tuple[i
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown routing strategy {strategy!r}; allowed: {list(STRATEGIES)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"routing needs 1 <= k <= E, got k={k}, E={E}")
+    check_k_in_e(k, E)
     if strategy == "expert_choice" and (k * L) % E:
         raise ValueError(f"expert_choice selects k*L/E tokens per (image, expert): k={k}, L={L}, E={E} "
                          f"gives {k * L}/{E}, not a whole number")
