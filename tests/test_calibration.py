@@ -255,7 +255,8 @@ def test_a_finished_npz_of_another_job_lends_no_taus(race_checkpoint, tmp_path, 
         return cal
 
     monkeypatch.setattr(sampling, "calibrate_thresholds", shifted)
-    assert main(["sample", *base, "--no-ema"]) == 0  # another job (live weights) writing the same --out
+    assert main(["sample", *base, "--no-ema"]) == 2  # another job (live weights): the finished npz is kept
+    assert main(["sample", *base, "--no-ema", "--overwrite"]) == 0  # unless --overwrite
     with np.load(out) as z:
         meta = json.loads(str(z["metadata"]))
     assert meta["weights"] == "model"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from racedit.checkpoint import save_checkpoint
 from racedit.cli import main
 from racedit.diffusion.objectives import DDPMObjective
-from racedit.evaluation.routing_report import FIGURES, SUMMARY, collect_routing_stats
+from racedit.evaluation.routing_report import FIGURES, REPORT_JOB, SUMMARY, collect_routing_stats
 from racedit.models import create_model
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
@@ -41,7 +41,7 @@ def test_routing_report_writes_every_figure_as_a_valid_png(tiny_checkpoint, tmp_
                  "--per-class", "2", "--batch-size", "8", "--no-ema", "--device", "cpu", "--quiet"]) == 0
     assert "6 figures" in capsys.readouterr().out
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted([*FIGURES.values(), SUMMARY])
+    assert written == sorted([*FIGURES.values(), SUMMARY, REPORT_JOB])
     for name in FIGURES.values():
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE, name

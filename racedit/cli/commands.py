@@ -25,6 +25,8 @@ USER_RUNTIME_ERRORS = (
     ("racedit.data.latent_store", "LatentStoreError"),
     ("racedit.sampling.npz_job", "SamplingError"),
     ("racedit.training.loop", "TrainingDiverged"),
+    ("racedit.runlock", "LockHeld"),
+    ("racedit.outputs", "OutputExists"),
 )
 
 Command = Callable[..., int | None]
@@ -108,7 +110,9 @@ def run_sample(args) -> int:
 
     from racedit.config import CHOICES
     from racedit.sampling import (
+        check_grid_out,
         grid_for_classes,
+        grid_metadata,
         load_for_sampling,
         sample_config_with,
         save_grid,
@@ -118,6 +122,8 @@ def run_sample(args) -> int:
     if args.sampler is not None and args.sampler not in CHOICES["sample.sampler"]:
         raise ValueError(f"--sampler {args.sampler!r}: allowed {list(CHOICES['sample.sampler'])}")
     to_npz = args.out.endswith(".npz")
+    if not to_npz:
+        check_grid_out(args.out, overwrite=args.overwrite)  # before loading anything: not a racedit grid
     device = args.device
     state = None
     if to_npz:
@@ -141,12 +147,15 @@ def run_sample(args) -> int:
                       f"{scfg.guidance_channels or 'all'} channels, seed {args.seed}, batch {args.batch_size} "
                       f"x {state.num_processes} process(es)")
             write_samples_npz(loaded, args.num_samples, args.out, scfg, seed=args.seed, batch_size=args.batch_size,
-                              per_class=args.per_class, max_batches=args.max_batches, progress=not args.quiet)
+                              per_class=args.per_class, max_batches=args.max_batches, progress=not args.quiet,
+                              overwrite=args.overwrite)
         else:
             per_class = args.per_class if args.per_class is not None else 8
             classes = args.classes if args.classes is not None else list(range(min(loaded.model.num_classes, 10)))
+            metadata = grid_metadata(loaded, scfg, classes, per_class, args.seed)
+            check_grid_out(args.out, metadata, overwrite=args.overwrite)
             images = grid_for_classes(loaded, classes, per_class, scfg, seed=args.seed)
-            print(f"wrote grid {save_grid(images, args.out, nrow=per_class)}")
+            print(f"wrote grid {save_grid(images, args.out, nrow=per_class, metadata=metadata)}")
     finally:
         if state is not None:
             state.destroy_process_group()  # a no-op without one; avoids teardown noise under accelerate launch
@@ -158,13 +167,22 @@ def run_sample(args) -> int:
 
 @command("fid")
 def run_fid(args) -> int:
-    from racedit.evaluation.fid import EvalSettings, default_report_path, evaluate, format_report, save_report
+    from racedit.evaluation.fid import (
+        EvalSettings,
+        check_outputs,
+        default_report_path,
+        evaluate,
+        format_report,
+        save_report,
+    )
 
     settings = EvalSettings(batch_size=args.batch_size, device=default_device(args.device), isc_splits=args.isc_splits,
                             prc=not args.no_prc, prc_k=args.prc_k, kid=args.kid, num_samples=args.num_samples)
+    report_path = args.out or default_report_path(args.samples)
+    check_outputs(args.samples, args.ref, settings, report_path, args.save_stats, overwrite=args.overwrite)
     report = evaluate(args.samples, args.ref, args.inception_weights, settings, save_stats_path=args.save_stats,
                       stats_max_features=args.stats_features, progress=not args.quiet)
-    out = save_report(report, args.out or default_report_path(args.samples))
+    out = save_report(report, report_path)
     print(format_report(report))
     if report.get("saved_stats"):
         print(f"  stats      {report['saved_stats']}")
@@ -180,7 +198,7 @@ def run_routing_report(args) -> int:
                            per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
                            device=default_device(args.device), use_ema=not args.no_ema,
                            calibrate_threshold=args.calibrate_threshold, calibration_batch=args.calibration_batch,
-                           progress=not args.quiet)
+                           progress=not args.quiet, overwrite=args.overwrite)
     print(f"routing report: {len(paths) - 1} figures and {paths['summary'].name} in {paths['summary'].parent}")
     return 0
 
@@ -215,7 +233,7 @@ def run_ablate(args) -> int:
         check_compute(grid, {n: variant_accounting(c) for n, c in configs.items()})
         return 0
     result = run_grid(grid, args.out, args.set, only=args.only, device=args.device,
-                      command=f"{PROG} {shlex.join(args.argv)}")
+                      command=f"{PROG} {shlex.join(args.argv)}", overwrite=args.overwrite)
     done = sum(s in ("skipped", "trained", "resumed") for s in result.status.values())
     lost = f", {len(result.diverged)} diverged ({', '.join(result.diverged)})" if result.diverged else ""
     print(f"{grid.name}: {done} of {len(grid.variants)} variants finished{lost} in {result.seconds / 60:.1f} min "
@@ -232,7 +250,8 @@ def run_extract_latents(args) -> int:
 
     extract_latents(args.data, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
                     shard_size=args.shard_size, num_workers=args.num_workers, store_dtype=args.store_dtype,
-                    vae_dtype=args.vae_dtype, verify_checksums=args.verify_checksums, progress=not args.quiet)
+                    vae_dtype=args.vae_dtype, verify_checksums=args.verify_checksums, progress=not args.quiet,
+                    overwrite=args.overwrite)
     return 0
 
 

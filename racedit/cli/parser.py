@@ -7,6 +7,8 @@ A flag means the same thing in every subcommand that has it:
     --device DEVICE       torch device (default: this process's accelerator if there is one, else cpu)
     --quiet               no progress bars or status lines (results and errors are still printed)
     --out PATH            what the command writes: a file or a directory, as its help says
+    --overwrite           replace existing outputs that racedit did not write for this same job (without it, such
+                          an output is refused: sample, fid, routing-report, extract-latents, ablate)
     --seed N              the seed of everything random the command draws
     --batch-size N        images per forward pass (on each device)
     --vae VAE             an AutoencoderKL: hub id or local directory
@@ -34,6 +36,7 @@ SET_HELP = "config overrides such as train.steps=100 (repeatable; later ones win
 CALIBRATE_HELP = ("Expert Race models: recalibrate the inference threshold of the loaded weights on N training "
                   "batches first (e.g. 100; reads the training data the config names)")
 CALIBRATION_BATCH_HELP = "batch size of --calibrate-threshold (default: the config's train.global_batch)"
+OVERWRITE_HELP = "replace existing outputs that racedit did not write for this same job (default: refuse them)"
 
 
 def positive_int(text: str) -> int:
@@ -65,6 +68,10 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 def add_out(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     p.add_argument("--out", required=required, help=help)
+
+
+def add_overwrite(p: argparse.ArgumentParser, help: str = "") -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"{OVERWRITE_HELP}{help}")
 
 
 def add_seed(p: argparse.ArgumentParser, help: str) -> None:
@@ -130,6 +137,8 @@ def _sample(sub) -> None:
                "checkpoint's config or latent manifest)")
     add_device(p)
     add_quiet(p)
+    add_overwrite(p, "; the same job is the same checkpoint weights and settings, as recorded in the npz's metadata "
+                     "or the PNG's text chunk")
 
 
 def _check_sample(args) -> str | None:
@@ -174,6 +183,7 @@ def _fid(sub) -> None:
     p.add_argument("--isc-splits", type=positive_int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--prc-k", type=positive_int, default=3, help="k of the k-NN manifold estimate (ADM: 3)")
     add_quiet(p)
+    add_overwrite(p, ": the report and the --save-stats file; the same job is the same samples, reference and settings")
 
 
 def _check_fid(args) -> str | None:
@@ -198,6 +208,7 @@ def _extract_latents(sub) -> None:
     p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype the encoder runs in")
     p.add_argument("--verify-checksums", action="store_true", help="re-hash existing shards before reusing them")
     add_quiet(p)
+    add_overwrite(p, ": write into an --out directory that holds other files (never mixes shards of other settings)")
     p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the older name
 
 
@@ -253,6 +264,7 @@ def _ablate(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--list", action="store_true", help="print the variants, their overrides and MACs; train nothing")
+    add_overwrite(p, ": write into an --out directory that holds files other than this grid's variants and report")
 
 
 def _routing_report(sub) -> None:
@@ -270,6 +282,8 @@ def _routing_report(sub) -> None:
     add_calibration(p)
     add_device(p)
     add_quiet(p)
+    add_overwrite(p, ": an --out directory holding anything but a routing report of this checkpoint with these "
+                     "settings")
 
 
 SUBCOMMANDS = (_train, _sample, _fid, _extract_latents, _convert, _ablate, _routing_report)

@@ -30,6 +30,7 @@ from racedit.data.codec import AutoencoderKLCodec
 from racedit.data.images import ImageFolder, collate_images, to_model_range
 from racedit.data.latent_store import FORMAT, MANIFEST, STORE_DTYPES, LatentStoreError, read_manifest
 from racedit.fileio import atomic_write_text, sha256_of
+from racedit.outputs import check_output_dir
 
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -134,7 +135,7 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
                     batch_size: int = 32, shard_size: int = 20_000, num_workers: int | None = None,
                     store_dtype: str = "float16", vae_dtype: str = "fp32", verify_checksums: bool = False,
                     state=None, progress: bool = True,
-                    on_shard_done: Callable[[int], None] | None = None) -> ExtractResult:
+                    on_shard_done: Callable[[int], None] | None = None, overwrite: bool = False) -> ExtractResult:
     """Encode every readable image of the ImageFolder `data` with the VAE `vae` into shards under `out`.
 
     vae: hub id (e.g. "stabilityai/sd-vae-ft-ema") or local directory. image_size: R of the ADM center
@@ -143,7 +144,9 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
     process (default: CPU cores / processes, at most 8). store_dtype: float16 (default; ImageNet-256 at
     SD-VAE is about 42 GB) or float32. vae_dtype: fp32 | fp16 | bf16 for the encoder. state: an accelerate
     `PartialState` (created when None); work is shared among its processes. on_shard_done(i) is called
-    after shard i is written (tests use it to simulate a crash).
+    after shard i is written (tests use it to simulate a crash). An existing `out` must hold a latent store
+    only (re-running the same command resumes it), else OutputExists; `overwrite`: write into it anyway
+    (never over shards of other settings, which are refused).
     Skipped files are named in a log line each and in the manifest; the main process prints a summary.
     """
     from accelerate import PartialState
@@ -157,6 +160,9 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
         raise ValueError(f"vae_dtype must be one of {list(VAE_DTYPES)}, got {vae_dtype!r}")
     t0 = time.perf_counter()
     out = Path(out)
+    # a latent store only: its shards (and their temporaries), manifest and class map
+    check_output_dir(out, [MANIFEST, "class_to_idx.json"], [r"shard-\d+", r"shard-\d+\.tmp-\d+"], overwrite=overwrite,
+                     what="a latent store")
     images = ImageFolder(data, image_size)
     codec = AutoencoderKLCodec(vae).to(state.device, VAE_DTYPES[vae_dtype])
     side = codec.model_size(image_size)  # ValueError unless image_size is a multiple of the VAE downsample

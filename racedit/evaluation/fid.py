@@ -61,6 +61,7 @@ from racedit.evaluation.metrics import (
 )
 from racedit.fileio import atomic_path, atomic_write_text, json_safe
 from racedit.npz import NpzImages, read_npz_metadata
+from racedit.outputs import OutputExists, refuse_existing
 
 STATS_FORMAT = "racedit-fid-stats/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -300,10 +301,7 @@ def evaluate(samples: str | Path, ref: str | Path | None, inception_weights: str
                     "count": n, "available": len(images), "image_size": list(images.image_size)},
         "reference": None,
         "feature_extractor": _extractor_description(weights),
-        "settings": {"isc_splits": s.isc_splits, "isc_shuffle": False,
-                     "precision_recall_k": s.prc_k if s.prc else None, "kid": s.kid,
-                     "kid_subsets": s.kid_subsets if s.kid else None,
-                     "batch_size": s.batch_size, "device": str(s.device), **s.extra},
+        "settings": _report_settings(s),
         "sampling": sampling,
         "notes": [],
         "versions": {"racedit": _racedit_version(), "torch": torch.__version__, "numpy": np.__version__},
@@ -408,6 +406,70 @@ def format_report(report: dict) -> str:
     for note in report["notes"]:
         lines.append(f"  note       {note}")
     return "\n".join(lines)
+
+
+def _report_settings(s: EvalSettings) -> dict:
+    return {"isc_splits": s.isc_splits, "isc_shuffle": False, "precision_recall_k": s.prc_k if s.prc else None,
+            "kid": s.kid, "kid_subsets": s.kid_subsets if s.kid else None, "batch_size": s.batch_size,
+            "device": str(s.device), **s.extra}
+
+
+NOT_THE_JOB = ("batch_size", "device")  # settings that do not change what a report says
+
+
+def check_outputs(samples: str | Path, ref: str | Path | None, settings: EvalSettings, report_path: str | Path,
+                  stats_path: str | Path | None = None, overwrite: bool = False) -> None:
+    """Before evaluating: refuse (OutputExists) an existing report or statistics file that racedit did not write
+    for this same job, unless `overwrite`. The same job: a racedit report of the same samples file (path, count,
+    sampling metadata), the same reference path and the same settings (batch size and device aside); racedit
+    statistics of the same samples (path, format, count). Writing over SAMPLES or REF is refused always."""
+    inputs = {Path(p).resolve() for p in (samples, ref) if p is not None}
+    for flag, out in (("--out", report_path), ("--save-stats", stats_path)):
+        if out is not None and Path(out).resolve() in inputs:
+            raise OutputExists(f"{flag} {out} is an input of this evaluation; choose another path")
+    if overwrite:
+        return
+    images = open_images(samples)
+    n = len(images) if settings.num_samples is None else min(settings.num_samples, len(images))
+    samples_path = str(Path(samples).resolve())
+    report_path = Path(report_path)
+    if report_path.exists():
+        why = _report_mismatch(report_path, samples_path, n, images, ref, settings)
+        if why:
+            refuse_existing(report_path, why)
+    if stats_path is not None and Path(stats_path).exists():
+        source = {"path": samples_path, "format": "npz" if isinstance(images, NpzImages) else "folder", "count": n}
+        try:
+            with np.load(stats_path, allow_pickle=False) as z:
+                meta = json.loads(str(z["metadata"]))
+        except Exception:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
+            refuse_existing(stats_path, "is not a statistics file that racedit fid wrote")
+        if meta.get("source") != source:
+            refuse_existing(stats_path, f"holds the statistics of other samples ({meta.get('source')})")
+
+
+def _report_mismatch(path: Path, samples_path: str, n: int, images, ref, settings: EvalSettings) -> str | None:
+    """Why the existing report `path` is not this job's, or None when it is."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("metrics", "samples", "settings"))
+            and "feature_extractor" in old and isinstance(old.get("reference") or {}, dict)):
+        return "is not a report that racedit fid wrote"
+    old_samples, old_settings, old_ref = old["samples"], old["settings"], (old.get("reference") or {}).get("path")
+    sampling = read_npz_metadata(samples_path) if isinstance(images, NpzImages) else None
+    same_ref = (old_ref is None and ref is None) or (old_ref is not None and ref is not None
+                                                     and Path(old_ref).resolve() == Path(ref).resolve())
+    mine = {k: v for k, v in _report_settings(settings).items() if k not in NOT_THE_JOB}
+    differ = [name for name, same in (
+        ("samples", old_samples.get("path") == samples_path and old_samples.get("count") == n),
+        ("the samples' sampling metadata", old.get("sampling") == json.loads(json.dumps(sampling))),
+        ("reference", same_ref),
+        ("settings", {k: v for k, v in old_settings.items() if k not in NOT_THE_JOB} == mine)) if not same]
+    return f"is the report of another evaluation (differs in: {', '.join(differ)})" if differ else None
 
 
 def save_report(report: dict, path: str | Path) -> Path:

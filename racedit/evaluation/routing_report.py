@@ -24,6 +24,7 @@ n_moe MoE layers.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from racedit.checkpoint import step_of
 from racedit.config import ConfigError
 from racedit.data.factory import build_training_data
+from racedit.fileio import atomic_write_text
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import (
     co_activation,
@@ -45,6 +47,7 @@ from racedit.models.routing_stats import (
     max_violation_from_load,
     timestep_fraction,
 )
+from racedit.outputs import check_output_dir, refuse_existing
 from racedit.sampling import load_for_sampling
 
 FIGURES = {
@@ -56,6 +59,8 @@ FIGURES = {
     "comb": "combination_usage.png",
 }
 SUMMARY = "summary.md"
+REPORT_JOB = "report.json"  # the job a report was made for: checkpoint, weights, settings
+REPORT_FORMAT = "racedit-routing-report/1"
 
 
 @dataclass
@@ -390,6 +395,21 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _check_out_dir(out: Path, job: dict, overwrite: bool) -> None:
+    """Refuse (OutputExists) an `out` holding anything but a routing report of `job`, unless `overwrite`."""
+    check_output_dir(out, [*FIGURES.values(), SUMMARY, REPORT_JOB], overwrite=overwrite, what="a routing report")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        saved = json.loads((out / REPORT_JOB).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != job:
+        differ = sorted(k for k in job if not isinstance(saved, dict) or saved.get(k) != job[k])
+        refuse_existing(out, f"holds a routing report of another checkpoint or settings (differs in: "
+                             f"{', '.join(differ)})")
+
+
 def default_out_dir(ckpt: Path) -> Path:
     """`<run dir>/routing_report/<checkpoint name>` for a checkpoint under `<run dir>/checkpoints/`."""
     if ckpt.parent.name == "checkpoints":
@@ -400,19 +420,29 @@ def default_out_dir(ckpt: Path) -> Path:
 def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, timesteps: int = 10,
                    classes: list[int] | None = None, per_class: int = 4, seed: int = 0, batch_size: int = 64,
                    device: str | torch.device = "cpu", use_ema: bool = True, calibrate_threshold: int = 0,
-                   calibration_batch: int | None = None, progress: bool = False) -> dict[str, Path]:
+                   calibration_batch: int | None = None, progress: bool = False,
+                   overwrite: bool = False) -> dict[str, Path]:
     """Write the figures and `summary.md` of a checkpoint's routing into `out_dir`; returns {key: path}
     (keys of FIGURES plus "summary"). `calibrate_threshold` > 0 first recalibrates tau of the loaded
-    weights on that many training batches (see `load_for_sampling`)."""
+    weights on that many training batches (see `load_for_sampling`).
+
+    `out_dir` is written only if it is absent, empty, or holds a report of this same job (the checkpoint, its
+    weights and these settings, recorded first in its `report.json`), else OutputExists; `overwrite` writes
+    into it anyway (files of the report's names are replaced, others kept)."""
     loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device, calibrate_threshold=calibrate_threshold,
                                calibration_batch=calibration_batch, progress=progress)
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
-    out.mkdir(parents=True, exist_ok=True)
     model, cfg = loaded.model, loaded.config
     classes = list(classes) if classes else report_classes(model.num_classes)
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"classes {bad} are outside [0, {model.num_classes})")
+    job = {"format": REPORT_FORMAT, "checkpoint": str(loaded.path.resolve()), "weights": loaded.weights,
+           "timesteps": timesteps, "classes": classes, "per_class": per_class, "seed": seed,
+           "calibrate_threshold": calibrate_threshold, "calibration_batch": calibration_batch}
+    _check_out_dir(out, job, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / REPORT_JOB, json.dumps(job, indent=1) + "\n")  # first: a report cut short stays ours
     x0, labels, source = reference_inputs(cfg, classes, per_class, seed)
     if x0 is None:
         x0 = torch.zeros(len(labels), model.in_channels, model.input_size, model.input_size)

@@ -14,10 +14,16 @@ from racedit.sampling.generate import (
     save_grid,
     to_uint8_nhwc,
 )
-from racedit.sampling.npz_job import SamplingError, sampling_metadata, write_samples_npz
+from racedit.sampling.npz_job import (
+    SamplingError,
+    check_grid_out,
+    grid_metadata,
+    sampling_metadata,
+    write_samples_npz,
+)
 
 __all__ = [
     "ThresholdCalibration", "calibrate_thresholds", "LoadedCheckpoint", "grid_for_classes", "load_for_sampling",
     "sample_config_with", "sample_images", "sample_indexed", "sample_labels", "sample_seed", "save_grid",
-    "to_uint8_nhwc", "SamplingError", "sampling_metadata", "write_samples_npz",
+    "to_uint8_nhwc", "SamplingError", "check_grid_out", "grid_metadata", "sampling_metadata", "write_samples_npz",
 ]

@@ -7,12 +7,14 @@ is uint8 NHWC, converted as clamp(127.5 x + 128, 0, 255) (DiT's DDP sampler conv
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
+from PIL import Image, PngImagePlugin
+from torchvision.utils import make_grid
 
 from racedit.checkpoint import load_model
 from racedit.config import Config, SampleConfig
@@ -20,6 +22,7 @@ from racedit.data.codec import Codec
 from racedit.data.factory import build_codec, training_batches
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
+from racedit.fileio import atomic_path
 from racedit.models import DiT
 from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
 from racedit.seeding import Purpose, seed_for
@@ -110,12 +113,32 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Write images (n_img, C_img, H_img, W_img) in [-1, 1] as one PNG grid, `nrow` images per row."""
+GRID_TEXT_KEY = "racedit"  # the PNG text chunk holding a grid's metadata (JSON)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, metadata: dict | None = None) -> Path:
+    """Write images (n_img, C_img, H_img, W_img) in [-1, 1] as one PNG grid, `nrow` images per row (pixels as
+    torchvision's save_image makes them), atomically; `metadata` goes into the text chunk `racedit` as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    info = PngImagePlugin.PngInfo()
+    if metadata is not None:
+        info.add_text(GRID_TEXT_KEY, json.dumps(metadata, sort_keys=True))
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+def read_grid_metadata(path: str | Path) -> dict | None:
+    """The metadata `save_grid` stored in a PNG, or None (no such chunk, or not a readable PNG)."""
+    try:
+        with Image.open(path) as img:
+            text = img.text.get(GRID_TEXT_KEY) if img.format == "PNG" else None
+        return json.loads(text) if text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def sample_labels(num_samples: int | None, num_classes: int, seed: int = 0, per_class: int | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,8 +19,16 @@ from racedit.checkpoint import step_of
 from racedit.config import SampleConfig
 from racedit.fileio import atomic_path, atomic_write_text
 from racedit.models.moe import threshold_layers
-from racedit.npz import write_image_npz
-from racedit.sampling.generate import LoadedCheckpoint, sample_indexed, sample_labels, to_uint8_nhwc
+from racedit.npz import read_npz_metadata, write_image_npz
+from racedit.outputs import OVERWRITE_FLAG, refuse_existing
+from racedit.runlock import lock_on_main
+from racedit.sampling.generate import (
+    LoadedCheckpoint,
+    read_grid_metadata,
+    sample_indexed,
+    sample_labels,
+    to_uint8_nhwc,
+)
 
 SAMPLES_FORMAT = "racedit-samples/1"
 UINT8_CONVERSION = "uint8 = clamp(127.5 x + 128, 0, 255), NHWC, grey repeated to RGB"
@@ -126,7 +135,7 @@ def _adopt_saved_thresholds(loaded: LoadedCheckpoint, meta: dict, saved_meta: di
 def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: str | Path, sample_cfg: SampleConfig,
                       seed: int = 0, batch_size: int = 64, labels: torch.Tensor | None = None, *,
                       per_class: int | None = None, max_batches: int | None = None,
-                      progress: bool = True) -> Path | None:
+                      progress: bool = True, overwrite: bool = False) -> Path | None:
     """Sample an FID batch and write it as an ADM-format npz: `arr_0` uint8 (n_img, H_img, W_img, 3), `labels`
     (n_img,) int64, and `metadata` (a JSON string: checkpoint, EMA, sampler, steps, CFG, guidance channels,
     per-device batch, routing at inference, seed, labels, ...).
@@ -142,11 +151,13 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     labels: given explicitly, else `sample_labels(num_samples, classes, seed, per_class)`.
     max_batches: stop after this many new batches on each process (time-limited jobs); returns None then,
     leaving the parts for the next run. Returns `out` when the file is complete.
+    overwrite: replace an existing `out` that holds anything but this job's samples (else: OutputExists, before
+    anything is written). The parts directory has one writer at a time (`racedit.runlock`, main process).
     """
     from accelerate import PartialState
 
     state = PartialState()
-    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    is_main = state.is_main_process
     model = loaded.model
     if labels is None:
         labels = sample_labels(num_samples, model.num_classes, seed, per_class)
@@ -161,7 +172,6 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(labels)
-    num_batches = -(-n // batch_size)
     out = Path(out)
     parts = _parts_dir(out)
     meta = sampling_metadata(loaded, sample_cfg, format=SAMPLES_FORMAT, num_samples=n, seed=seed,
@@ -169,21 +179,47 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
                              conversion=UINT8_CONVERSION)
     say = print if (progress and is_main) else (lambda *a, **k: None)
 
-    if out.exists() and not parts.exists() and _complete_file_matches(out, meta, labels, loaded):
+    if out.exists() and not _complete_file_matches(out, meta, labels, loaded):
+        if not overwrite:
+            refuse_existing(out, _foreign_npz_reason(out, meta))
+        if is_main:
+            print(f"note: {OVERWRITE_FLAG}: {out} will be replaced when this job completes", file=sys.stderr)
+    elif out.exists() and not parts.exists():
         say(f"{out} already holds these {n} samples; nothing to do")
         return out
+
     def job_of(meta: dict) -> dict:
         return json.loads(json.dumps({"metadata": meta, "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
                                       "weights_fingerprint": _weights_fingerprint(loaded)}, sort_keys=True))
 
+    with lock_on_main(state, parts, "the sampling job's parts directory"):
+        return _run_job(loaded, out, parts, labels, meta, job_of, sample_cfg, seed, batch_size, max_batches,
+                        progress, state, say)
+
+
+def _foreign_npz_reason(out: Path, meta: dict) -> str:
+    """Why the existing `out` is not this job's npz, for the refusal."""
+    saved = read_npz_metadata(out) if out.is_file() else None
+    if not isinstance(saved, dict) or saved.get("format") != SAMPLES_FORMAT:
+        return "was not written by racedit sample"
+    keys = sorted(k for k in {**saved, **meta} if saved.get(k) != json.loads(json.dumps(meta)).get(k))
+    return f"holds the samples of another job (differs in: {', '.join(keys) or 'labels'})"
+
+
+def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Tensor, meta: dict, job_of,
+             sample_cfg: SampleConfig, seed: int, batch_size: int, max_batches: int | None, progress: bool, state,
+             say) -> Path | None:
+    """The job of `write_samples_npz` under its parts directory's lock: check or write job.json, sample this
+    process's missing batches, assemble when all are there."""
+    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    n = len(labels)
+    num_batches = -(-n // batch_size)
     job = job_of(meta)
     if is_main:
         parts.mkdir(parents=True, exist_ok=True)
         job_file = parts / "job.json"
         if not job_file.exists():
             atomic_write_text(job_file, json.dumps(job, indent=1, sort_keys=True))
-        if out.exists():
-            say(f"note: {out} exists with other samples; it will be replaced when this job completes")
     state.wait_for_everyone()
     found = json.loads((parts / "job.json").read_text())
     if _adopt_saved_thresholds(loaded, meta, found.get("metadata")):
@@ -208,7 +244,7 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
         if max_batches is not None and j >= max_batches:
             break
         idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
-        images = sample_indexed(model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
+        images = sample_indexed(loaded.model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
         _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
         made += len(idx)
         bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
@@ -229,6 +265,32 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
         say(f"wrote {n} samples to {out}")
     state.wait_for_everyone()
     return out
+
+
+GRID_FORMAT = "racedit-grid/1"
+
+
+def grid_metadata(loaded: LoadedCheckpoint, sample_cfg: SampleConfig, classes: list[int], per_class: int,
+                  seed: int) -> dict:
+    """What `racedit sample` records in a grid PNG's text chunk: the job (checkpoint weights and settings)."""
+    return json.loads(json.dumps(sampling_metadata(loaded, sample_cfg, format=GRID_FORMAT, classes=list(classes),
+                                                   per_class=per_class, seed=seed,
+                                                   weights_fingerprint=_weights_fingerprint(loaded))))
+
+
+def check_grid_out(out: str | Path, metadata: dict | None = None, overwrite: bool = False) -> None:
+    """Refuse (OutputExists) an existing grid `out` unless `overwrite` or its text chunk records this very job
+    (`metadata`, from `grid_metadata`). metadata None: refuse only what racedit wrote no grid metadata into
+    (a check that needs no loaded checkpoint)."""
+    out = Path(out)
+    if overwrite or not out.exists():
+        return
+    saved = read_grid_metadata(out)
+    if saved is None or saved.get("format") != GRID_FORMAT:
+        refuse_existing(out, "is not a grid that racedit sample wrote")
+    if metadata is not None and saved != metadata:
+        keys = sorted(k for k in {**saved, **metadata} if saved.get(k) != metadata.get(k))
+        refuse_existing(out, f"is a racedit grid of other settings (differs in: {', '.join(keys)})")
 
 
 def sampling_metadata(loaded: LoadedCheckpoint, sample_cfg: SampleConfig, **extra) -> dict:

@@ -28,7 +28,7 @@ from racedit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from racedit.config import Config, ConfigError, config_diff, to_yaml
+from racedit.config import Config, ConfigError, to_yaml
 from racedit.data.factory import build_codec, build_training_data
 from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
@@ -37,9 +37,16 @@ from racedit.models import count_params, create_model, resolve_model_config
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
+from racedit.runlock import lock_on_main
 from racedit.sampling import sample_images, save_grid
 from racedit.training.metrics import MetricsLogger, flat_config, trackers
 from racedit.training.objective_step import training_losses
+from racedit.training.resume import (
+    adopt_hyperparameters,
+    describe_changes,
+    fresh_hyperparameters,
+    resume_changes,
+)
 
 # (cfg, EMA model, objective, device) -> {metric: value}; see `train`
 EndOfRunEvaluation = Callable[[Config, torch.nn.Module, Objective, torch.device], dict]
@@ -121,22 +128,6 @@ def ema_avg_fn(decay: float):
     return update
 
 
-def _check_resume_config(saved: Config, cfg: Config, ckpt: Path) -> None:
-    """A resumed run must train the same model on the same data with the same objective.
-
-    Fields that do not change what is trained may differ: the loader's worker count, where the latents
-    are now (a moved directory), and the VAE used only for decoding.
-    """
-    free = {"data.num_workers", "data.latents", "data.vae"}
-    diff = [f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in config_diff(saved, cfg).items()
-            if k.split(".")[0] in ("model", "diffusion", "data") and k not in free]
-    if diff:
-        raise ConfigError(f"cannot resume from {ckpt}: the config differs:\n  " + "\n  ".join(diff))
-    if saved.train.global_batch != cfg.train.global_batch or saved.train.seed != cfg.train.seed:
-        raise ConfigError(f"cannot resume from {ckpt}: train.global_batch and train.seed must match the checkpoint "
-                          f"({saved.train.global_batch}, {saved.train.seed})")
-
-
 def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None = None,
           evaluate: EndOfRunEvaluation | None = None) -> TrainResult:
     """Train per `cfg`. `resume`: True = latest checkpoint in the run directory if any, or a checkpoint path.
@@ -158,7 +149,8 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                               project_dir=tc.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)])
     try:
-        return _train(accelerator, cfg, resume, stop_after, evaluate)
+        with lock_on_main(accelerator, tc.out_dir, "train.out_dir"):  # one writer per run directory
+            return _train(accelerator, cfg, resume, stop_after, evaluate)
     finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
         accelerator.end_training()
 
@@ -197,13 +189,16 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         optimizer, [group_lr_lambda(g, warmup, tc.steps) for g in optimizer.param_groups])
 
     start_step, skipped_total = 0, 0
+    changes: dict = {}
     if ckpt is not None:
-        _check_resume_config(load_config_of(ckpt), cfg, ckpt)
+        state = load_train_state(ckpt)
+        changes = resume_changes(load_config_of(ckpt), cfg, ckpt, int(state["step"]))
         load_into(model, load_weights(ckpt, "model"), f"checkpoint {ckpt} (model)")
         load_into(ema.module, load_weights(ckpt, "ema"), f"checkpoint {ckpt} (ema)")
-        state = load_train_state(ckpt)
+        fresh = fresh_hyperparameters(optimizer)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        adopt_hyperparameters(optimizer, scheduler, fresh)  # this config's lr schedule and weight decay
         ema.n_averaged.fill_(int(state["ema_n_averaged"]))
         torch.set_rng_state(state["torch_rng"])
         start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
@@ -233,6 +228,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         accelerator.print(f"racedit: {cfg.model.name} | params {n['total'] / 1e6:.2f}M total, "
                           f"{n['activated'] / 1e6:.2f}M activated | {accelerator.num_processes} process(es) on "
                           f"{device} | {'resuming at step ' + str(start_step) if ckpt else 'fresh run'} -> {out_dir}")
+        if changes:
+            accelerator.print(f"resuming with changed settings (applied): {describe_changes(changes)}")
 
     def save(step: int) -> Path | None:
         if not is_main:

@@ -17,6 +17,7 @@ from racedit.experiments.ablation.grid import Grid
 from racedit.training.metrics import loss_column, read_metrics
 
 # metrics.csv columns that look like routing diagnostics (names vary: read from the header).
+REPORT_FILES = ("results.csv", "results.md", "loss_curves.png", "metric_vs_macs.png")  # what write_report writes
 _ROUTING_NAME = re.compile(r"routing|router|maxvio|comb|expert|threshold|tau|load|balance", re.IGNORECASE)
 _PER_LAYER = re.compile(r"block_?\d+|t_bin|layer_?\d+", re.IGNORECASE)
 

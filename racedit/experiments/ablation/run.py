@@ -28,6 +28,7 @@ from racedit.experiments.ablation.grid import (
     variant_accounting,
 )
 from racedit.experiments.ablation.report import (
+    REPORT_FILES,
     format_number,
     last_values,
     loss_curve,
@@ -37,6 +38,8 @@ from racedit.experiments.ablation.report import (
     write_report,
 )
 from racedit.fileio import atomic_write_text, json_safe
+from racedit.outputs import check_output_dir
+from racedit.runlock import lock_on_main
 from racedit.sampling import load_for_sampling, write_samples_npz
 from racedit.training.loop import TrainingDiverged, train
 from racedit.training.metrics import loss_column, read_metrics
@@ -65,7 +68,8 @@ def _evaluate(grid: Grid, cfg: Config, checkpoint: Path, run_dir: Path, device: 
         return evaluate_digits_model(cfg, loaded.model, loaded.objective, device)
     t0 = time.perf_counter()
     npz = write_samples_npz(loaded, grid.eval.num_samples, run_dir / "samples.npz", cfg.sample,
-                            seed=cfg.train.seed, batch_size=grid.eval.batch_size, progress=False)
+                            seed=cfg.train.seed, batch_size=grid.eval.batch_size, progress=False,
+                            overwrite=True)  # the variant's own samples: stale ones are from an earlier training
     if npz is None:
         raise RuntimeError(f"sampling for {run_dir} did not finish; run again to continue")
     report = evaluate(npz, grid.eval.ref or None, grid.eval.inception or None,
@@ -122,7 +126,7 @@ def _finished_row(grid: Grid, v: Variant, accounting: dict, run_dir: Path, resul
 
 def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: list[str] | None = None,
              only: list[str] | None = None, stop_after: int | None = None, device: str | None = None,
-             command: str | None = None, report: bool = True, log=print) -> GridResult:
+             command: str | None = None, report: bool = True, log=print, overwrite: bool = False) -> GridResult:
     """Train and evaluate every variant of `grid` (a Grid or a grid file) and write the report.
 
     out_dir: default the grid's out_dir. extra: `a.b=c` overrides for every variant (command-line `--set`).
@@ -130,12 +134,24 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path | None = None, extra: 
     for at most this many steps in this call (an interruption, for tests). device: for evaluation
     (default cuda when available). command: the command line, quoted in results.md.
     Raises ComputeMismatchError before training anything when the grid is not at equal compute.
+    The output directory holds this grid's variant directories and report only (else OutputExists, unless
+    `overwrite`) and has one writer at a time (`racedit.runlock`).
     """
-    import torch
+    from accelerate import PartialState
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
     out = Path(out_dir) if out_dir is not None else grid.out_dir
+    check_output_dir(out, [*(v.name for v in grid.variants), *REPORT_FILES], overwrite=overwrite,
+                     what=f"grid {grid.name!r}'s variants and report")
+    with lock_on_main(PartialState(), out, "ablate --out"):
+        return _run_grid(grid, out, extra, only, stop_after, device, command, report, log)
+
+
+def _run_grid(grid: Grid, out: Path, extra: list[str] | None, only: list[str] | None, stop_after: int | None,
+              device: str | None, command: str | None, report: bool, log) -> GridResult:
+    import torch
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     configs = resolve_variants(grid, out, extra)
     accounting = {name: variant_accounting(cfg) for name, cfg in configs.items()}
