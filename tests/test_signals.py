@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_config, run_gloo_workers
@@ -32,7 +33,10 @@ import racedit.training.loop as loop_mod
 from racedit.checkpoint import load_train_state, load_weights
 from racedit.cli import main
 from racedit.config import to_yaml
+from racedit.data.latent_extract import extract_latents
+from racedit.data.latent_store import read_manifest
 from racedit.signals import Interrupted, StopSignals, exit_code
+from racedit.testing import save_standin_vae, write_standin_image_folder
 from racedit.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,6 +293,68 @@ def test_two_processes_stop_at_the_same_step_with_one_checkpoint(tmp_path):
                            f"resume with: accelerate launch [your options] -m racedit train --config")
     assert sorted(p.name for p in root.iterdir()) == ["last", "step_0000003"]
     assert load_train_state(root / "step_0000003")["step"] == 3
+
+
+# --- sampling and extraction ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("signals_ckpt") / "run"
+    return train(make_tiny_config(out, "train.steps=2", "train.ckpt_every=0")).checkpoint
+
+
+def test_an_interrupted_npz_job_keeps_its_batches_and_the_rerun_completes_it(checkpoint, tmp_path, monkeypatch,
+                                                                            capsys):
+    import racedit.sampling.npz_job as npz_job
+
+    def sample(out: Path) -> int:
+        return main(["sample", "--ckpt", str(checkpoint), "--out", str(out), "--num-samples", "12",
+                     "--batch-size", "4", "--device", "cpu", "--quiet"])
+
+    assert sample(tmp_path / "reference.npz") == 0
+    real, calls = npz_job.sample_indexed, []
+
+    def signalling(*args, **kwargs):  # SIGTERM inside the second batch: it is finished and kept
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(npz_job, "sample_indexed", signalling)
+    out = tmp_path / "samples.npz"
+    capsys.readouterr()
+    assert sample(out) == 143
+    parts = Path(f"{out}.parts")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"interrupted by SIGTERM: 2 of 3 batches are complete in {parts}; run the "
+                                    f"same command again to continue")
+    assert "Traceback" not in err and not out.exists() and len(list(parts.glob("batch_*"))) == 2
+    monkeypatch.setattr(npz_job, "sample_indexed", real)
+    assert sample(out) == 0
+    with np.load(out) as got, np.load(tmp_path / "reference.npz") as want:
+        assert np.array_equal(got["arr_0"], want["arr_0"]) and np.array_equal(got["labels"], want["labels"])
+
+
+def test_an_interrupted_extraction_keeps_complete_shards_and_the_rerun_completes_it(tmp_path):
+    images = write_standin_image_folder(tmp_path / "images", num_classes=2, per_class=6, size=36, corrupt=False)
+    vae = save_standin_vae(tmp_path / "vae")
+    kw = {"image_size": 32, "batch_size": 2, "shard_size": 4, "num_workers": 0, "progress": False}
+
+    def stop_after_first(i):  # SIGINT once shard 0 is written: shard 1 stops at its first batch and is dropped
+        if i == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        extract_latents(images, vae, tmp_path / "out", on_shard_done=stop_after_first, **kw)
+    assert info.value.exit_code == 130
+    assert str(info.value) == (f"interrupted by SIGINT: 1 of 3 shards are complete in {tmp_path / 'out'} (the one in "
+                               f"progress was dropped); run the same command again to continue")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shard-00000"]
+    result = extract_latents(images, vae, tmp_path / "out", **kw)
+    assert (result.shards_reused, result.shards_written) == (1, 2)
+    reference = extract_latents(images, vae, tmp_path / "reference", **kw)
+    assert read_manifest(tmp_path / "out")["shards"] == read_manifest(reference.out_dir)["shards"]
 
 
 # --- the rest of the CLI ----------------------------------------------------------------------------------------

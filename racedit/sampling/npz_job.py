@@ -20,6 +20,7 @@ from racedit.fileio import atomic_path, atomic_write_text
 from racedit.models.moe import threshold_layers
 from racedit.npz import write_image_npz
 from racedit.sampling.generate import LoadedCheckpoint, sample_indexed, sample_labels, to_uint8_nhwc
+from racedit.signals import Interrupted, StopSignals
 
 SAMPLES_FORMAT = "racedit-samples/1"
 UINT8_CONVERSION = "uint8 = clamp(127.5 x + 128, 0, 255), NHWC, grey repeated to RGB"
@@ -141,7 +142,8 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
 
     labels: given explicitly, else `sample_labels(num_samples, classes, seed, per_class)`.
     max_batches: stop after this many new batches on each process (time-limited jobs); returns None then,
-    leaving the parts for the next run. Returns `out` when the file is complete.
+    leaving the parts for the next run. Returns `out` when the file is complete. SIGINT, SIGTERM and SIGUSR1
+    (`racedit.signals`) stop it after the batch in progress: the parts stay, and `Interrupted` says how many.
     """
     from accelerate import PartialState
 
@@ -204,14 +206,15 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     bar = tqdm(total=pending, desc=f"sample x{world} proc" if world > 1 else "sample", unit="img",
                disable=not (progress and is_main), smoothing=0.1)
     t0, made = time.perf_counter(), 0
-    for j, b in enumerate(todo):
-        if max_batches is not None and j >= max_batches:
-            break
-        idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
-        images = sample_indexed(model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
-        _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
-        made += len(idx)
-        bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
+    with StopSignals("the current batch", announce=is_main) as stop:  # SIGINT/TERM/USR1: keep the batches done
+        for j, b in enumerate(todo):
+            if (max_batches is not None and j >= max_batches) or stop.requested:
+                break
+            idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
+            images = sample_indexed(model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
+            _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
+            made += len(idx)
+            bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
     bar.close()
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
@@ -219,6 +222,9 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     if made:
         say(f"sampled {made} images on the main process in {seconds:.1f}s "
             f"({made / max(seconds, 1e-9):.2f} img/s per process, {world} process{'es' if world > 1 else ''})")
+    if missing and stop.requested:
+        raise Interrupted(stop.signum, f"interrupted by {stop.name}: {num_batches - len(missing)} of {num_batches} "
+                          f"batches are complete in {parts}; run the same command again to continue", show=is_main)
     if missing:
         say(f"{num_batches - len(missing)} of {num_batches} batches are in {parts}; run the same command again "
             f"to continue")
