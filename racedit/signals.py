@@ -49,6 +49,9 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return exit_code(self.signum)
 
+    def __reduce__(self):  # picklable (a worker process may hand it on)
+        return Interrupted, (self.signum, self.what, self.resume, self.show)
+
     def __str__(self) -> str:
         return self.what + (f"; resume with: {self.resume}" if self.resume else "")
 
