@@ -4,7 +4,9 @@ Each command imports what it needs inside its function, on purpose: torch, diffu
 seconds to import, and `racedit --help` or a mistyped flag should not wait for them.
 
 A user error (a bad config, checkpoint, file or argument: see `user_error`) prints one line `error: ...` on
-stderr and exits with status 2, with no traceback; anything else is a bug and keeps its traceback.
+stderr and exits with status 2, with no traceback; anything else is a bug and keeps its traceback. A job stopped by
+a signal (`racedit.signals.Interrupted`: train, sample to an npz, extract-latents) prints its one line and
+exits with 128 + the signal number; Ctrl-C anywhere else prints `interrupted` and exits with 130.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt as e:  # racedit.signals.Interrupted: a job that stopped at a safe point
+        if getattr(e, "show", True):
+            print(str(e) or "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:
         if not user_error(e, args.command):
             raise
@@ -232,8 +238,14 @@ def run_ablate(args) -> int:
                   f"  {overrides_text(grid.variant(name).overrides)}")
         check_compute(grid, {n: variant_accounting(c) for n, c in configs.items()})
         return 0
-    result = run_grid(grid, args.out, args.set, only=args.only, device=args.device,
-                      command=f"{PROG} {shlex.join(args.argv)}", overwrite=args.overwrite)
+    from racedit.signals import Interrupted
+
+    try:
+        result = run_grid(grid, args.out, args.set, only=args.only, device=args.device,
+                          command=f"{PROG} {shlex.join(args.argv)}", overwrite=args.overwrite)
+    except Interrupted as e:  # a variant's training stopped: the same ablate command resumes the grid
+        e.resume = f"{PROG} {shlex.join(args.argv)}"
+        raise
     done = sum(s in ("skipped", "trained", "resumed") for s in result.status.values())
     lost = f", {len(result.diverged)} diverged ({', '.join(result.diverged)})" if result.diverged else ""
     print(f"{grid.name}: {done} of {len(grid.variants)} variants finished{lost} in {result.seconds / 60:.1f} min "

@@ -27,6 +27,7 @@ from racedit.data.latent_store import (
     read_manifest,
 )
 from racedit.data.order import ResumableBatchOrder
+from racedit.signals import ignore_stop_signals
 
 
 @dataclass
@@ -116,7 +117,7 @@ class LatentTrainingData:
         # whole micro-batches per item (batch_size=None): read once, no per-sample split and re-collate
         dl = DataLoader(LatentBatches(self.dataset), batch_size=None, sampler=KeyedMicroBatches(order, start_step),
                         num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=ignore_stop_signals)  # the main process stops
         for x, y in dl:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 

@@ -31,6 +31,7 @@ from racedit.data.images import ImageFolder, collate_images, to_model_range
 from racedit.data.latent_store import FORMAT, MANIFEST, STORE_DTYPES, LatentStoreError, read_manifest
 from racedit.fileio import atomic_write_text, sha256_of
 from racedit.outputs import check_output_dir
+from racedit.signals import Interrupted, StopSignals, ignore_stop_signals
 
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -146,7 +147,8 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
     `PartialState` (created when None); work is shared among its processes. on_shard_done(i) is called
     after shard i is written (tests use it to simulate a crash). An existing `out` must hold a latent store
     only (re-running the same command resumes it), else OutputExists; `overwrite`: write into it anyway
-    (never over shards of other settings, which are refused).
+    (never over shards of other settings, which are refused). SIGINT, SIGTERM and SIGUSR1
+    (`racedit.signals`) stop it before the next batch, dropping the shard in progress: `Interrupted`.
     Skipped files are named in a log line each and in the manifest; the main process prints a summary.
     """
     from accelerate import PartialState
@@ -211,17 +213,28 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
     t_encode = time.perf_counter()
     bar = tqdm(total=total, desc="extract", unit="img", disable=not (progress and state.is_main_process),
                dynamic_ncols=True)
-    for i in mine:
-        start, end = plan[i]
-        meta = {"settings": settings, "shard": i, "files": [start, end],
-                "files_digest": _files_digest(images.files[start:end])}
-        arrays, skipped = _encode_range(images, start, end, codec, batch_size, num_workers, store_dtype, bar, state)
-        meta.update(rows=len(arrays["labels"]), skipped=skipped)
-        _write_shard(out, i, meta, arrays)
-        if on_shard_done is not None:
-            on_shard_done(i)
+    written = 0
+    with StopSignals("the current batch, dropping the shard in progress", announce=state.is_main_process) as stop:
+        for i in mine:
+            start, end = plan[i]
+            meta = {"settings": settings, "shard": i, "files": [start, end],
+                    "files_digest": _files_digest(images.files[start:end])}
+            encoded = _encode_range(images, start, end, codec, batch_size, num_workers, store_dtype, bar, state, stop)
+            if encoded is None:  # a stop signal
+                break
+            arrays, skipped = encoded
+            meta.update(rows=len(arrays["labels"]), skipped=skipped)
+            _write_shard(out, i, meta, arrays)
+            written += 1
+            if on_shard_done is not None:
+                on_shard_done(i)
     bar.close()
     state.wait_for_everyone()
+    if stop.requested:
+        kept = (f"{reused + written} of {len(plan)} shards are complete in {out} (the one in progress was dropped)"
+                if state.num_processes == 1 else f"the complete shards in {out} are kept (those in progress were dropped)")
+        raise Interrupted(stop.signum, f"interrupted by {stop.name}: {kept}; run the same command again to continue",
+                          show=state.is_main_process)
     manifest = None
     if state.is_main_process:
         manifest = _write_manifest(out, images, plan, settings, vae_path, data)
@@ -268,17 +281,21 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _encode_range(images: ImageFolder, start: int, end: int, codec: AutoencoderKLCodec, batch_size: int,
-                  num_workers: int, store_dtype: str, bar, state) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Encode files [start, end) (as is and mirrored): the shard's arrays and its skipped files."""
+                  num_workers: int, store_dtype: str, bar, state,
+                  stop: StopSignals) -> tuple[dict[str, np.ndarray], list[dict]] | None:
+    """Encode files [start, end) (as is and mirrored): the shard's arrays and its skipped files; None when a
+    stop signal arrives first (checked before each batch)."""
     side = codec.model_size(images.image_size)
     C, H, W = codec.channels, side, side
     moments = np.empty((end - start, 2, 2, C, H, W), dtype=store_dtype)
     labels, file_index = np.empty(end - start, dtype=np.int64), np.empty(end - start, dtype=np.int64)
     n_rows, skipped = 0, []
     loader = DataLoader(Subset(images, range(start, end)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate_images,
+                        num_workers=num_workers, collate_fn=collate_images, worker_init_fn=ignore_stop_signals,
                         pin_memory=state.device.type == "cuda")
     for batch in loader:
+        if stop.requested:
+            return None
         for index, reason in batch.skipped:
             rel = images.files[index][0]
             _log(f"skipped {rel}: {reason}", state)

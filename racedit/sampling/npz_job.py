@@ -29,6 +29,7 @@ from racedit.sampling.generate import (
     sample_labels,
     to_uint8_nhwc,
 )
+from racedit.signals import Interrupted, StopSignals
 
 SAMPLES_FORMAT = "racedit-samples/1"
 UINT8_CONVERSION = "uint8 = clamp(127.5 x + 128, 0, 255), NHWC, grey repeated to RGB"
@@ -153,6 +154,8 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     leaving the parts for the next run. Returns `out` when the file is complete.
     overwrite: replace an existing `out` that holds anything but this job's samples (else: OutputExists, before
     anything is written). The parts directory has one writer at a time (`racedit.runlock`, main process).
+    SIGINT, SIGTERM and SIGUSR1 (`racedit.signals`) stop it after the batch in progress: the parts stay, and
+    `Interrupted` says how many.
     """
     from accelerate import PartialState
 
@@ -240,14 +243,15 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
     bar = tqdm(total=pending, desc=f"sample x{world} proc" if world > 1 else "sample", unit="img",
                disable=not (progress and is_main), smoothing=0.1)
     t0, made = time.perf_counter(), 0
-    for j, b in enumerate(todo):
-        if max_batches is not None and j >= max_batches:
-            break
-        idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
-        images = sample_indexed(loaded.model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
-        _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
-        made += len(idx)
-        bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
+    with StopSignals("the current batch", announce=is_main) as stop:  # SIGINT/TERM/USR1: keep the batches done
+        for j, b in enumerate(todo):
+            if (max_batches is not None and j >= max_batches) or stop.requested:
+                break
+            idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
+            images = sample_indexed(loaded.model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
+            _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
+            made += len(idx)
+            bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
     bar.close()
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
@@ -255,6 +259,9 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
     if made:
         say(f"sampled {made} images on the main process in {seconds:.1f}s "
             f"({made / max(seconds, 1e-9):.2f} img/s per process, {world} process{'es' if world > 1 else ''})")
+    if missing and stop.requested:
+        raise Interrupted(stop.signum, f"interrupted by {stop.name}: {num_batches - len(missing)} of {num_batches} "
+                          f"batches are complete in {parts}; run the same command again to continue", show=is_main)
     if missing:
         say(f"{num_batches - len(missing)} of {num_batches} batches are in {parts}; run the same command again "
             f"to continue")

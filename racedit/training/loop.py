@@ -9,6 +9,8 @@ saved model/optimizer/EMA state: on CPU a resumed run repeats the uninterrupted 
 from __future__ import annotations
 
 import math
+import shlex
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +41,7 @@ from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
 from racedit.runlock import lock_on_main
 from racedit.sampling import sample_images, save_grid
+from racedit.signals import Interrupted, StopSignals
 from racedit.training.metrics import MetricsLogger, flat_config, trackers
 from racedit.training.objective_step import training_losses
 from racedit.training.resume import (
@@ -137,6 +140,11 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     objective, device) -> {name: value}` runs on the main process at the end of a digits run with
     `train.eval_samples_per_class` > 0 (the CLI passes `racedit.evaluation.digits.evaluate_digits_model`);
     its floats are logged as `eval/<name>` at the last step and returned in `TrainResult.metrics`.
+
+    SIGINT, SIGTERM and SIGUSR1 (see `racedit.signals`) end the run after the current optimizer step with its
+    checkpoint (if the step was finite; else the last good one stands) and raise `racedit.signals.Interrupted`
+    (exit status 128 + the signal number). All processes stop at the same step: the stop request travels in
+    the step's one collective. A second SIGINT raises at once, without saving.
     """
     tc = cfg.train
     if tc.num_threads:
@@ -148,15 +156,24 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
                               step_scheduler_with_optimizer=False, log_with=trackers(tc.log_with, tc.out_dir),
                               project_dir=tc.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)])
-    try:
-        with lock_on_main(accelerator, tc.out_dir, "train.out_dir"):  # one writer per run directory
-            return _train(accelerator, cfg, resume, stop_after, evaluate)
-    finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
-        accelerator.end_training()
+    # installed after the Accelerator: its rendezvous keeps the default behaviour of the signals
+    with StopSignals("this optimizer step and its checkpoint", announce=accelerator.is_main_process) as stop:
+        try:
+            with lock_on_main(accelerator, tc.out_dir, "train.out_dir"):  # one writer per run directory
+                return _train(accelerator, cfg, resume, stop_after, evaluate, stop)
+        finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
+            accelerator.end_training()
+
+
+def _resume_command(out_dir: Path, num_processes: int) -> str:
+    """The command that continues the run in `out_dir`: its saved config.yaml names the run directory and
+    everything else the run was started with (overrides included), and `--resume` takes its latest checkpoint."""
+    launcher = "accelerate launch [your options] -m racedit" if num_processes > 1 else "racedit"
+    return f"{launcher} train --config {shlex.quote(str(out_dir / 'config.yaml'))} --resume"
 
 
 def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, stop_after: int | None,
-           evaluate: EndOfRunEvaluation | None) -> TrainResult:
+           evaluate: EndOfRunEvaluation | None, stop: StopSignals) -> TrainResult:
     tc = cfg.train
     device, is_main = accelerator.device, accelerator.is_main_process
     out_dir = Path(tc.out_dir)
@@ -243,6 +260,15 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                                             "data_position": order.position(step)})
 
     last_good = ckpt
+    resume_cmd = _resume_command(out_dir, accelerator.num_processes)
+
+    def interrupted(what: str, second_sigint: bool = False) -> Interrupted:
+        if second_sigint:
+            signum, by = signal.SIGINT, "a second SIGINT"
+        else:  # a process that got no signal stops with the others
+            signum, by = stop.signum or signal.SIGTERM, stop.name or "a signal to another process"
+        return Interrupted(signum, f"interrupted by {by} {what}", resume_cmd, show=is_main)
+
     window: dict[str, list[float]] = {}
     consecutive_bad, last_loss = 0, float("nan")
     t0 = time.perf_counter()
@@ -250,7 +276,14 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     end_step = tc.steps if stop_after is None else min(tc.steps, start_step + stop_after)
     bar = tqdm(total=tc.steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
-    step = start_step
+    step, stopping = start_step, False
+
+    def second_sigint() -> Interrupted:
+        bar.close()  # the line goes below the progress bar
+        return interrupted(f"at step {step}: exited without saving; the last checkpoint is "
+                           f"{last_good or 'none (no checkpoint yet)'}", True)
+
+    stop.on_repeat = second_sigint
     while step < end_step:
         terms_acc: dict[str, float] = {}
         kth_scores = []  # per micro-batch: MoE layer -> the batch's K-th largest score
@@ -269,13 +302,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(train_model.parameters(), max_norm)
                     # the step's one collective and one host sync: every logged term, averaged over the
-                    # processes (the whole global batch's losses), and the gradient norm (already global)
+                    # processes (the whole global batch's losses), whether any process was asked to stop
+                    # (a fill, no copy from the host), and the gradient norm (already global)
                     keys = list(terms_acc)
-                    local = torch.stack([terms_acc[k] for k in keys])
+                    local = torch.stack([*(terms_acc[k] for k in keys),
+                                         terms_acc["loss"].new_full((), float(stop.requested))])
                     if accelerator.num_processes > 1:
                         local = accelerator.reduce(local, reduction="mean")
                     values = torch.cat([local, grad_norm.double().reshape(1)]).tolist()
-                    terms_acc, grad_norm = dict(zip(keys, values[:-1])), values[-1]
+                    terms_acc, grad_norm = dict(zip(keys, values[:-2])), values[-1]
+                    # every process sees the same mean: all stop after this step, or none
+                    stopping = values[-2] > 0 or (accelerator.num_processes == 1 and stop.requested)
                     # a non-finite loss on any process makes the mean non-finite, so every process skips
                     finite = math.isfinite(terms_acc["loss"]) and (tc.mixed_precision == "fp16"
                                                                    or math.isfinite(grad_norm))
@@ -304,12 +341,13 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                     f"{consecutive_bad} consecutive non-finite steps, the last at step {step + 1}; "
                     f"stopping without saving. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}")
         step += 1
+        stopping = stopping or (accelerator.num_processes == 1 and stop.requested)  # no sync needed on one
         steps_since_log += 1
         for k, v in terms_acc.items():
             window.setdefault(k, []).append(v)
         window.setdefault("grad_norm", []).append(grad_norm)
         bar.update(1)
-        if step % tc.log_every == 0 or step == end_step or diag:
+        if step % tc.log_every == 0 or step == end_step or diag or stopping:
             now = time.perf_counter()
             row = {k: sum(v) / len(v) for k, v in window.items() if v and all(map(math.isfinite, v))}
             row.update(lr=scheduler.get_last_lr()[0], steps_per_s=steps_since_log / max(now - t_log, 1e-9),
@@ -319,12 +357,20 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                 logger.log(step, row)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", it_s=f"{row['steps_per_s']:.2f}")
             window, t_log, steps_since_log = {}, now, 0
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps and consecutive_bad == 0:
+        if ((stopping or tc.ckpt_every and step % tc.ckpt_every == 0) and step < tc.steps
+                and consecutive_bad == 0):
             last_good = save(step) or last_good
             accelerator.wait_for_everyone()
-        if is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-            _sample_grid(cfg, ema.module, objective, codec, out_dir / "samples" / f"step_{step:07d}.png", device)
+        if stopping:
+            break
+        if is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and not stop.requested:
+            with stop.abandon_on_signal():  # a signal ends the grid; the next step stops the run
+                _sample_grid(cfg, ema.module, objective, codec, out_dir / "samples" / f"step_{step:07d}.png", device)
     bar.close()
+    if stopping and step < tc.steps:
+        raise interrupted(f"at step {step}: saved {last_good}" if not consecutive_bad else
+                          f"at step {step}: not saved, the last {consecutive_bad} step(s) were non-finite; the last "
+                          f"good checkpoint is {last_good or 'none (no checkpoint yet)'}")
 
     summary: dict = {}
     if step >= tc.steps:
@@ -332,13 +378,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         if ckpt is None or step > start_step or ckpt.parent != ckpt_root.resolve():
             last_good = save(step) or last_good
         accelerator.wait_for_everyone()
-        if is_main:
-            grid = out_dir / "samples" / f"step_{step:07d}.png"
-            _sample_grid(cfg, ema.module, objective, codec, grid, device)
-            summary["grid"] = str(grid)
-            if evaluate is not None and tc.eval_samples_per_class and cfg.data.kind == "digits":
-                summary.update(evaluate(cfg, ema.module, objective, device))
-                logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
+        if is_main and not stop.requested:
+            with stop.abandon_on_signal():
+                grid = out_dir / "samples" / f"step_{step:07d}.png"
+                _sample_grid(cfg, ema.module, objective, codec, grid, device)
+                summary["grid"] = str(grid)
+                if evaluate is not None and tc.eval_samples_per_class and cfg.data.kind == "digits":
+                    summary.update(evaluate(cfg, ema.module, objective, device))
+                    logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
+        if stop.requested:  # the model is complete; what the end of the run makes comes on a resume
+            raise interrupted(f"after the last step ({step}): saved {last_good}; the end-of-run sample grid "
+                              f"and evaluation were not made")
     seconds = time.perf_counter() - t0
     return TrainResult(out_dir=out_dir, step=step, last_loss=last_loss, checkpoint=last_good,
                        skipped_steps=skipped_total, seconds=seconds, metrics=summary)
