@@ -17,6 +17,9 @@ On disk (`out/`):
 Flip 0 is the center-cropped image, flip 1 the same image mirrored left-right before encoding, so both
 random-flip augmentations of DiT are stored exactly. mean = (posterior mean - shift) * scaling_factor and
 std = posterior std * scaling_factor: a latent in model space is mean + std * N(0, 1).
+
+Opening a store (`LatentDataset`) checks every shard against its shard.json: files present, sizes, shapes
+and dtypes always (a stat and a header read each), SHA-256 with `verify_checksums=True` or RACEDIT_VERIFY=2.
 """
 
 from __future__ import annotations

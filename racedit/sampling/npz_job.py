@@ -1,5 +1,6 @@
 """A resumable, multi-process sampling job that writes an ADM-format npz for FID (uint8 NHWC `arr_0`, labels and
-a JSON `metadata` entry): batches are saved under `<out>.parts/` as they finish and assembled at the end.
+a JSON `metadata` entry): batches are saved under `<out>.parts/` as they finish, each with a digest file, and
+verified and assembled at the end.
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
 
     Distributed: under `accelerate launch` each process samples the batches b = rank, rank + world_size, ... of
     `batch_size` samples (b covers samples b*batch_size .. ), so no index is duplicated or missing. Every batch
-    is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes; a re-run of the same job (same settings,
-    checked against `<out>.parts/job.json`) skips finished batches. When all are there, the main process
+    is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes, with its size and SHA-256 in
+    `digest_XXXXXXX.json`; a re-run of the same job (same settings, checked against `<out>.parts/job.json`)
+    skips finished batches whose size matches. Before assembling, every batch is hashed; a damaged one is
+    removed and sampled again (one line on stderr). When all are there, the main process
     streams them into `out` (atomic rename) and removes the parts. Sample i depends only on (seed, i) and the
     per-device batch (see `sample_indexed`), so the file does not depend on the number of processes or on
     resuming. The parts directory must be on a filesystem all processes share.
