@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/moe_step.py --connections
 	$(BIN)/python bench/memory_step.py
 	$(BIN)/python bench/latents.py
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -1,13 +1,22 @@
-"""Checkpoints that a crash cannot damage.
+"""Checkpoints that a crash cannot damage and that prove their integrity.
 
 Layout of one checkpoint directory `checkpoints/step_XXXXXXX/`:
   model.safetensors   live weights (buffers such as routing thresholds included)
   ema.safetensors     EMA weights (sampling uses these by default)
   state.pt            optimizer, LR schedule, step, RNG states, data position; loads with weights_only=True
   config.yaml         the resolved run config
-It is written into a temporary directory beside it and renamed into place, then `checkpoints/last` (a
-symbolic link) is switched atomically. A crash mid-save leaves at most a stray `.tmp-*` directory, never
-a damaged `last`.
+  manifest.json       the size and SHA-256 of each file above, and a digest of its own entries; written last
+It is written into a temporary directory beside it (`.tmp-<pid>-step_XXXXXXX`), every file and the
+directory fsynced, and renamed into place (the parent fsynced after); then `checkpoints/last` (a symbolic
+link) is switched atomically. A crash mid-save leaves at most a stray `.tmp-*` directory, never a damaged
+`last`; the next training run in that directory removes such leftovers (`clean_leftovers`). The directory
+and its files get the modes the umask gives.
+
+Every reader (`load_config_of`, `load_weights`, `load_train_state`, hence `load_model` and the training
+loop's resume) first checks the file it reads against the manifest (size, then SHA-256, each file hashed
+once per process) and raises `CheckpointError` naming the file, what is wrong and the newest checkpoint
+beside it that verifies. A checkpoint of an older racedit (no manifest) loads with a one-line warning.
+`RACEDIT_VERIFY=0` (or a command's `--no-verify`) skips the checks (`racedit.fileio.verify_level`).
 """
 
 from __future__ import annotations
@@ -15,17 +24,29 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from racedit.config import Config, ConfigError, from_yaml_text, to_yaml
+from racedit.fileio import (
+    MANIFEST,
+    apply_umask,
+    file_problem,
+    fsync_dir,
+    pid_alive,
+    read_manifest,
+    verify_level,
+    write_manifest,
+)
 from racedit.models import create_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+FORMAT = "racedit-checkpoint/1"  # the manifest's format, also in the safetensors headers' metadata
 
 
 def step_dir_name(step: int) -> str:
@@ -53,22 +74,31 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = root / f".tmp-{os.getpid()}-{final.name}"  # the pid: `clean_leftovers` removes only dead writers'
     old = root / f".old-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own earlier attempt (a pid names one writer)
+    tmp.mkdir()  # mode 0777 & ~umask
     try:
-        save_file(_contiguous_cpu(model_state), tmp / "model.safetensors")
-        save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors")
+        save_file(_contiguous_cpu(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
+        save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors", metadata={"format": FORMAT})
         torch.save(train_state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(to_yaml(config))
+        for name in FILES:
+            apply_umask(tmp / name)  # safetensors creates its files 0600
+        write_manifest(tmp, list(FILES), FORMAT)  # last: hashes and fsyncs every file, then itself
+        fsync_dir(tmp)
         if final.exists():
             # Re-saving a step: a directory cannot be replaced in one rename, so `last` names the new copy
             # while the old one moves aside; at every moment `last` or the step directory is complete.
             _point_last(root, tmp.name)
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(root)
     except BaseException:
         if old.exists() and not final.exists():
             os.replace(old, final)
+        if final.exists() and (root / "last").is_symlink() and os.readlink(root / "last") == tmp.name:
+            _point_last(root, final.name)  # not left naming the copy removed below
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _point_last(root, final.name)
@@ -84,6 +114,7 @@ def _point_last(root: Path, name: str) -> None:
         link_tmp.unlink()
     os.symlink(name, link_tmp)
     os.replace(link_tmp, root / "last")
+    fsync_dir(root)
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
@@ -91,6 +122,154 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
     for _, path in steps[:-max(keep_last, 1)]:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# --- leftovers of crashed saves ---------------------------------------------------------------------------
+
+# what a save that was killed can leave in checkpoints/, with the pid of the process that was saving
+_LEFTOVER = re.compile(r"\.tmp-(?P<pid>\d+)-(?P<step>.+)|\.old-(?P<old>step_\d+)-(?P<oldpid>\d+)|"
+                       r"\.last-(?P<lastpid>\d+)")
+_LEGACY_TMP = re.compile(r"\.tmp-[a-z0-9_]{8}")  # tempfile.mkdtemp's names (older racedit): no pid
+
+
+def clean_leftovers(ckpt_root: str | Path) -> list[str]:
+    """Remove what crashed saves left in `ckpt_root` (`.tmp-<pid>-*`, `.old-*-<pid>`, `.last-<pid>`) whose
+    process is no longer alive, and the pid-less `.tmp-*` of older racedit versions; returns their names.
+
+    Call it at the start of a training run, which is the directory's one writer. A leftover of a live process
+    is kept. A save killed while re-writing a step can leave `last` naming its complete temporary copy; that
+    copy is renamed into place first, so no checkpoint is lost."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    last = root / "last"
+    target = os.readlink(last) if last.is_symlink() else None
+    m = _LEFTOVER.fullmatch(target or "")
+    if m and step_of(m["step"]) is not None and not pid_alive(int(m["pid"])) and (root / target).is_dir():
+        if not (root / m["step"]).exists():
+            os.replace(root / target, root / m["step"])
+        _point_last(root, m["step"])  # the step directory is complete whenever it exists
+        target = m["step"]
+    removed = []
+    for path in sorted(root.iterdir()):
+        m = _LEFTOVER.fullmatch(path.name)
+        pid = next((int(v) for k in ("pid", "oldpid", "lastpid") if m and (v := m[k])), None)
+        dead = pid is not None and not pid_alive(pid)
+        if path.name == target or not (dead or _LEGACY_TMP.fullmatch(path.name)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+# --- integrity ----------------------------------------------------------------------------------------------
+
+_WARNED: set[Path] = set()  # checkpoints without a manifest already warned about in this process
+
+
+def _written_with_manifest(ckpt: Path) -> bool:
+    """Whether a safetensors header of `ckpt` says it was saved with a manifest (so a missing one was deleted)."""
+    for name in ("model.safetensors", "ema.safetensors"):
+        try:
+            with safe_open(str(ckpt / name), "pt") as f:
+                if (f.metadata() or {}).get("format") == FORMAT:
+                    return True
+        except Exception:  # missing or damaged: the reader of that file reports it
+            continue
+    return False
+
+
+def checkpoint_problem(ckpt: str | Path, names: tuple[str, ...] | list[str] = FILES) -> str | None:
+    """None when the files `names` of checkpoint `ckpt` match its manifest, else what is wrong, starting with
+    the file's name. Also None with verification off (RACEDIT_VERIFY=0) and for a checkpoint of an older
+    racedit (no manifest, none expected), which is warned about once on stderr."""
+    ckpt = Path(ckpt)
+    if verify_level() == 0:
+        return None
+    try:
+        manifest = read_manifest(ckpt, FORMAT)
+    except ValueError as e:
+        return str(e)
+    if manifest is None:
+        if _written_with_manifest(ckpt):
+            return f"{MANIFEST} is missing (this checkpoint was saved with one: it was deleted)"
+        if ckpt not in _WARNED:
+            _WARNED.add(ckpt)
+            print(f"warning: {ckpt} has no {MANIFEST} (saved by an older racedit): its files are not verified",
+                  file=sys.stderr)
+        return None
+    for name in names:
+        if problem := file_problem(ckpt, name, manifest):
+            return problem
+    return None
+
+
+def _complete(ckpt: Path) -> bool:
+    return ckpt.is_dir() and all((ckpt / f).exists() for f in FILES)
+
+
+def _candidates(ckpt_root: Path) -> list[Path]:
+    """The checkpoints of `ckpt_root`, newest first: the one `last` names, then step directories by step."""
+    last = ckpt_root / "last"
+    found = [last.resolve()] if last.is_dir() else []
+    steps = sorted(((s, p) for p in ckpt_root.iterdir() if (s := step_of(p)) is not None and p.is_dir()),
+                   reverse=True) if ckpt_root.is_dir() else []
+    return found + [p.resolve() for _, p in steps if p.resolve() not in found]
+
+
+def newest_verified_checkpoint(ckpt_root: str | Path, exclude: Path | None = None) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint in `ckpt_root` that is complete and verifies, or None; one line per newer one
+    skipped: "step_XXXXXXX: <problem>"). `exclude` is not considered (the one that just failed)."""
+    skipped = []
+    for c in _candidates(Path(ckpt_root)):
+        if exclude is not None and c == Path(exclude).resolve():
+            continue
+        problem = checkpoint_problem(c) if _complete(c) else "incomplete (" + ", ".join(
+            f for f in FILES if not (c / f).exists()) + " missing)"
+        if problem is None:
+            return c, skipped
+        skipped.append(f"{c.name}: {problem}")
+    return None, skipped
+
+
+def verify_checkpoint(ckpt: str | Path, names: tuple[str, ...] | list[str] = FILES) -> None:
+    """Raise CheckpointError unless the files `names` of `ckpt` verify (see `checkpoint_problem`). The one line
+    names the file, what is wrong and what to do: the newest checkpoint beside it that verifies, or delete it."""
+    ckpt = Path(ckpt)
+    problem = checkpoint_problem(ckpt, names)
+    if problem is None:
+        return
+    other, _ = newest_verified_checkpoint(ckpt.parent, exclude=ckpt) if step_of(ckpt) is not None else (None, [])
+    if other is not None:
+        advice = f"the newest checkpoint beside it that verifies is {other}: pass --ckpt {other}, or delete {ckpt}"
+    else:
+        advice = f"no checkpoint beside it verifies: restore {ckpt} from a copy, or delete it"
+    if problem.startswith(MANIFEST):
+        advice += "; to load its files unchecked, pass --no-verify (RACEDIT_VERIFY=0)"
+    raise CheckpointError(f"{ckpt}/{problem}; {advice}")
+
+
+def resume_checkpoint(ckpt_root: str | Path, say=print) -> Path | None:
+    """The checkpoint `--resume` (no path) continues from: the newest in `ckpt_root` that verifies, after one
+    line through `say` per newer one skipped and why; None when there is none at all. CheckpointError when
+    there are checkpoints but none verifies."""
+    ckpt, skipped = newest_verified_checkpoint(ckpt_root)
+    for line in skipped:
+        say(f"resume: skipped {line}")
+    if ckpt is None and skipped:
+        raise CheckpointError(f"no checkpoint in {ckpt_root} verifies ({'; '.join(skipped)}); delete them to train "
+                              f"from scratch, or pass --no-verify (RACEDIT_VERIFY=0) to resume unchecked")
+    return ckpt
+
+
+def last_good_checkpoint(candidate: Path | None, ckpt_root: str | Path) -> Path | None:
+    """`candidate` if it is complete and verifies now, else the newest checkpoint in `ckpt_root` that does."""
+    if candidate is not None and _complete(Path(candidate)) and checkpoint_problem(candidate) is None:
+        return candidate
+    return newest_verified_checkpoint(ckpt_root)[0]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -127,6 +306,7 @@ def load_config_of(ckpt: Path) -> Config:
     f = ckpt / "config.yaml"
     if not f.exists():
         raise CheckpointError(f"{ckpt} has no config.yaml; it is not a complete racedit checkpoint")
+    verify_checkpoint(ckpt, ["config.yaml"])
     try:
         return from_yaml_text(f.read_text())
     except ConfigError as e:  # edited by hand, or written by another racedit version
@@ -138,6 +318,7 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     f = ckpt / f"{which}.safetensors"
     if not f.exists():
         raise CheckpointError(f"{f} is missing")
+    verify_checkpoint(ckpt, [f.name])
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors' own error for a truncated or foreign file
@@ -149,6 +330,7 @@ def load_train_state(ckpt: Path) -> dict:
     f = ckpt / "state.pt"
     if not f.exists():
         raise CheckpointError(f"{f} is missing")
+    verify_checkpoint(ckpt, ["state.pt"])
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, or one holding more than tensors and plain containers

@@ -1,14 +1,19 @@
-"""Small file helpers shared across racedit: atomic writes, file hashes, JSON-safe values.
+"""Small file helpers shared across racedit: atomic writes, file hashes, manifests, JSON-safe values.
 
 An atomic write goes to a hidden temporary file next to the target (same filesystem, named after the
 process) and is renamed over the target only when complete, so a reader or a crash sees either the old
 file or the whole new one.
+
+A manifest (`manifest.json`) lists the size and SHA-256 of every file of a directory that racedit wrote as
+one unit (a checkpoint), plus a SHA-256 of its own entries, so a changed file and an edited manifest are
+both found. `RACEDIT_VERIFY` is the one switch of every such check (see `verify_level`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -35,13 +40,171 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+def sha256_of(path: str | Path, chunk: int = 1 << 22, fsync: bool = False) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks; `fsync`: also flush the file to disk (one pass)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+        if fsync:
+            os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (the names renamed into or created in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux), else set and restored."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file (0666) or directory (0777) the mode the umask makes, as `open`/`mkdir` would have: for files
+    that a library created private (safetensors writes 0600) and directories made by `tempfile` (0700)."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- verification: the switch, cached digests, manifests ---------------------------------------------------
+
+VERIFY_ENV = "RACEDIT_VERIFY"
+VERIFY_LEVELS = {"0": "skip every integrity check", "1": "verify checkpoints and sample batches (default)",
+                 "2": "also hash every latent shard when training opens a latent directory"}
+
+
+def verify_level() -> int:
+    """`RACEDIT_VERIFY`: 0 skips integrity checks (checkpoint manifests, sample batch digests), 1 (the default)
+    verifies them, 2 also checks the SHA-256 of latent shards when a latent directory is opened (sizes are
+    checked always). `--no-verify` on a command sets 0 for that command."""
+    value = os.environ.get(VERIFY_ENV, "1").strip() or "1"
+    if value not in VERIFY_LEVELS:
+        raise ValueError(f"{VERIFY_ENV}={value!r}: allowed " + ", ".join(f"{k} ({v})" for k, v in VERIFY_LEVELS.items()))
+    return int(value)
+
+
+@contextlib.contextmanager
+def verification(enabled: bool = True) -> Iterator[None]:
+    """With `enabled` False, `verify_level()` is 0 inside the block (the `--no-verify` flag); else no change."""
+    if enabled:
+        yield
+        return
+    old = os.environ.get(VERIFY_ENV)
+    os.environ[VERIFY_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(VERIFY_ENV, None)
+        else:
+            os.environ[VERIFY_ENV] = old
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> SHA-256: a file is hashed once
+
+
+def _stat_key(path: str | Path) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def cached_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, hashed once per process while the file is unchanged (same inode, size, mtime and
+    ctime): verifying a checkpoint and then loading it, or choosing it for a resume, reads it once for the hash."""
+    key = _stat_key(path)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) > 256:
+            _DIGESTS.clear()
+        _DIGESTS[key] = sha256_of(path)
+    return _DIGESTS[key]
+
+
+MANIFEST = "manifest.json"
+
+
+def _entries_digest(fmt: str, files: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"format": fmt, "files": files}, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(directory: str | Path, names: list[str], fmt: str) -> dict:
+    """Hash (and fsync) each file `names` of `directory` in one streaming pass, then write and fsync
+    `directory/manifest.json`: {format, files: {name: {bytes, sha256}}, manifest_sha256}. Call it last,
+    before the rename that publishes the directory. Returns the manifest."""
+    directory = Path(directory)
+    files = {}
+    for name in names:
+        path = directory / name
+        digest = sha256_of(path, fsync=True)
+        files[name] = {"bytes": path.stat().st_size, "sha256": digest}
+    manifest = {"format": fmt, "files": files, "manifest_sha256": _entries_digest(fmt, files)}
+    with open(directory / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def read_manifest(directory: str | Path, fmt: str) -> dict | None:
+    """`directory/manifest.json`, checked against its own digest; None when there is none. ValueError with
+    the problem when it is unreadable, of another format, or edited (its entries no longer match its digest)."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        ok = (manifest["format"] == fmt and isinstance(files, dict)
+              and manifest["manifest_sha256"] == _entries_digest(fmt, files)
+              and all(isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{MANIFEST} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not ok:
+        raise ValueError(f"{MANIFEST} is damaged or was edited (its entries do not match its own digest or "
+                         f"its format is not {fmt!r})")
+    return manifest
+
+
+def file_problem(directory: str | Path, name: str, manifest: dict) -> str | None:
+    """None when `directory/name` has the size and SHA-256 that `manifest` records, else what is wrong
+    (missing, not listed, size, hash). The size is compared first, so a truncated file costs no hashing."""
+    entry = manifest["files"].get(name)
+    path = Path(directory) / name
+    if entry is None:
+        return f"{name} is not listed in {MANIFEST} (the manifest is damaged)"
+    if not path.is_file():
+        return f"{name} is missing (the manifest lists it)"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{name} has {size} bytes, {MANIFEST} says {entry['bytes']} (truncated or replaced)"
+    if cached_sha256(path) != entry["sha256"]:
+        return f"{name} does not match its SHA-256 in {MANIFEST} (its bytes changed after it was written)"
+    return None
+
 
 
 def json_safe(x: Any) -> Any:

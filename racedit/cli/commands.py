@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from racedit.cli.parser import PROG, parse_args
+from racedit.fileio import verification
 
 # The RuntimeError subclasses that are the user's to fix, by module. Every ValueError is one too: ConfigError,
 # EvaluationError, NpzError, ConversionError, UpcycleError, GridError, ImageFolderError and bad arguments.
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = argv
     try:
-        return COMMANDS[args.command](args) or 0
+        with verification(not getattr(args, "no_verify", False)):  # --no-verify: RACEDIT_VERIFY=0 for the command
+            return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt as e:  # racedit.signals.Interrupted: a job that stopped at a safe point
         if getattr(e, "show", True):
             print(str(e) or "interrupted", file=sys.stderr)

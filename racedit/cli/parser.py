@@ -14,6 +14,8 @@ A flag means the same thing in every subcommand that has it:
     --vae VAE             an AutoencoderKL: hub id or local directory
     --calibrate-threshold N, --calibration-batch B
                           recalibrate Expert Race's inference threshold on N training batches of B first
+    --no-verify           read checkpoints (and sample batches) without checking them against their manifest
+                          (the same as RACEDIT_VERIFY=0); every command that has --ckpt has it, and ablate
     --set KEY=VALUE ...   config overrides, applied in order (train, ablate, convert upcycle); repeatable.
                           `racedit train` also takes them as bare positional arguments (`train.steps=100`).
 
@@ -35,6 +37,8 @@ QUIET_HELP = "no progress bars or status lines"
 SET_HELP = "config overrides such as train.steps=100 (repeatable; later ones win)"
 CALIBRATE_HELP = ("Expert Race models: recalibrate the inference threshold of the loaded weights on N training "
                   "batches first (e.g. 100; reads the training data the config names)")
+NO_VERIFY_HELP = ("skip the integrity check of what is read: the sizes and SHA-256 in each checkpoint's "
+                  "manifest.json, and the digests of sample batches (the same as RACEDIT_VERIFY=0)")
 CALIBRATION_BATCH_HELP = "batch size of --calibrate-threshold (default: the config's train.global_batch)"
 OVERWRITE_HELP = "replace existing outputs that racedit did not write for this same job (default: refuse them)"
 
@@ -52,6 +56,11 @@ def positive_int(text: str) -> int:
 
 def add_ckpt(p: argparse.ArgumentParser, required: bool = True, help: str = CKPT_HELP) -> None:
     p.add_argument("--ckpt", required=required, metavar="CKPT", help=help)
+    add_no_verify(p)  # every reader of a checkpoint can skip its verification
+
+
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
 
 
 def add_no_ema(p: argparse.ArgumentParser) -> None:
@@ -265,6 +274,7 @@ def _ablate(sub) -> None:
                    help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--list", action="store_true", help="print the variants, their overrides and MACs; train nothing")
     add_overwrite(p, ": write into an --out directory that holds files other than this grid's variants and report")
+    add_no_verify(p)  # resuming variants reads their checkpoints
 
 
 def _routing_report(sub) -> None:

@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from racedit.data.codec import AutoencoderKLCodec
 from racedit.data.images import ImageFolder, collate_images, to_model_range
-from racedit.data.latent_store import FORMAT, MANIFEST, STORE_DTYPES, LatentStoreError, read_manifest
+from racedit.data.latent_store import (
+    FORMAT,
+    MANIFEST,
+    STORE_DTYPES,
+    LatentStoreError,
+    read_manifest,
+    verify_shard,
+)
 from racedit.fileio import atomic_write_text, sha256_of
 from racedit.outputs import check_output_dir
 from racedit.signals import Interrupted, StopSignals, ignore_stop_signals
@@ -69,37 +76,6 @@ def _files_digest(files: Sequence[tuple[str, int]]) -> str:
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
-
-
-def verify_shard(shard_dir: Path, expected: dict | None = None, checksums: bool = False) -> str | None:
-    """None when `shard_dir` is a complete shard (matching `expected`'s keys of shard.json), else the problem."""
-    meta_path = shard_dir / "shard.json"
-    if not meta_path.is_file():
-        return "no shard.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable shard.json ({e})"
-    for key, value in (expected or {}).items():
-        if meta.get(key) != value:
-            return f"shard.json {key} is {meta.get(key)!r}, expected {value!r}"
-    for name, info in meta.get("arrays", {}).items():
-        path = shard_dir / f"{name}.npy"
-        if not path.is_file():
-            return f"missing {path.name}"
-        if path.stat().st_size != info["bytes"]:
-            return f"{path.name} has {path.stat().st_size} bytes, expected {info['bytes']}"
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            return f"unreadable {path.name} ({e})"
-        if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
-            return f"{path.name} is {arr.dtype}{list(arr.shape)}, expected {info['dtype']}{info['shape']}"
-        if checksums and sha256_of(path) != info["sha256"]:
-            return f"{path.name} checksum mismatch"
-    if set(meta.get("arrays", {})) != {"moments", "labels", "file_index"}:
-        return "shard.json does not list moments, labels and file_index"
-    return None
 
 
 def _write_shard(out: Path, i: int, meta: dict, arrays: dict[str, np.ndarray]) -> None:

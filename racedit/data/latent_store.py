@@ -17,11 +17,15 @@ On disk (`out/`):
 Flip 0 is the center-cropped image, flip 1 the same image mirrored left-right before encoding, so both
 random-flip augmentations of DiT are stored exactly. mean = (posterior mean - shift) * scaling_factor and
 std = posterior std * scaling_factor: a latent in model space is mean + std * N(0, 1).
+
+Opening a store (`LatentDataset`) checks every shard against its shard.json: files present, sizes, shapes
+and dtypes always (a stat and a header read each), SHA-256 with `verify_checksums=True` or RACEDIT_VERIFY=2.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,11 +33,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from racedit.fileio import sha256_of, verify_level
 from racedit.seeding import Purpose, seed_for
 
 FORMAT = "racedit-latents/1"
 MANIFEST = "manifest.json"
 STORE_DTYPES = ("float16", "float32")
+
+
 class LatentStoreError(RuntimeError):
     """A latent directory that is missing, incomplete, or was made with other settings."""
 
@@ -51,6 +58,57 @@ def read_manifest(root: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise LatentStoreError(f"{path}: format {manifest.get('format')!r}, this racedit reads {FORMAT!r}")
     return manifest
+
+
+def verify_shard(shard_dir: Path, expected: dict | None = None, checksums: bool = False) -> str | None:
+    """None when `shard_dir` is a complete shard (matching `expected`'s keys of shard.json), else the problem."""
+    meta_path = shard_dir / "shard.json"
+    if not meta_path.is_file():
+        return "no shard.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable shard.json ({e})"
+    for key, value in (expected or {}).items():
+        if meta.get(key) != value:
+            return f"shard.json {key} is {meta.get(key)!r}, expected {value!r}"
+    for name, info in meta.get("arrays", {}).items():
+        path = shard_dir / f"{name}.npy"
+        if not path.is_file():
+            return f"missing {path.name}"
+        if path.stat().st_size != info["bytes"]:
+            return f"{path.name} has {path.stat().st_size} bytes, shard.json says {info['bytes']}"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"unreadable {path.name} ({e})"
+        if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
+            return f"{path.name} is {arr.dtype}{list(arr.shape)}, expected {info['dtype']}{info['shape']}"
+        if checksums and sha256_of(path) != info["sha256"]:
+            return f"{path.name} does not match its sha256 in shard.json"
+    if set(meta.get("arrays", {})) != {"moments", "labels", "file_index"}:
+        return "shard.json does not list moments, labels and file_index"
+    return None
+
+
+def check_shards(root: str | Path, manifest: dict, checksums: bool = False) -> None:
+    """Raise LatentStoreError naming the first shard of `manifest` whose files are missing or not of the size,
+    shape and dtype its shard.json records (with `checksums`, also its SHA-256), and the command that
+    re-extracts it (a re-run of extract-latents keeps the shards that verify and redoes the others)."""
+    root = Path(root)
+    for s in manifest["shards"]:
+        shard_dir = root / s["name"]
+        problem = verify_shard(shard_dir, checksums=checksums)
+        if problem is None:
+            continue
+        first = manifest["shards"][0]["files"]
+        cmd = ["racedit", "extract-latents", "--data", str(manifest.get("source", "IMAGE_ROOT")),
+               "--vae", str(manifest.get("vae", "VAE")), "--out", str(root),
+               "--image-size", str(manifest.get("image_size")), "--shard-size", str(first[1] - first[0]),
+               "--store-dtype", str(manifest.get("store_dtype"))] + (["--verify-checksums"] if checksums else [])
+        raise LatentStoreError(f"latent shard {shard_dir} is damaged ({problem}); re-extract it with "
+                               f"`{shlex.join(cmd)}` (shards that verify are kept)")
+
 
 # --- Reading -------------------------------------------------------------------------------------------
 
@@ -103,9 +161,12 @@ class LatentDataset(Dataset):
     `.labels` (n_img,) int64, `.classes`, `.num_classes`, `.latent_shape` (C, H, W), `.manifest`.
     """
 
-    def __init__(self, root: str | Path, sample_posterior: bool = True, flip: bool = True, seed: int = 0):
+    def __init__(self, root: str | Path, sample_posterior: bool = True, flip: bool = True, seed: int = 0,
+                 verify_checksums: bool | None = None):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        # sizes, shapes and dtypes always (a stat and a header each); SHA-256 when asked or RACEDIT_VERIFY=2
+        check_shards(self.root, self.manifest, verify_level() >= 2 if verify_checksums is None else verify_checksums)
         self.sample_posterior, self.flip, self.seed = sample_posterior, flip, seed
         self.epoch = 0
         self.classes: list[str] = self.manifest["classes"]

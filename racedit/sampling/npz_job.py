@@ -1,5 +1,6 @@
 """A resumable, multi-process sampling job that writes an ADM-format npz for FID (uint8 NHWC `arr_0`, labels and
-a JSON `metadata` entry): batches are saved under `<out>.parts/` as they finish and assembled at the end.
+a JSON `metadata` entry): batches are saved under `<out>.parts/` as they finish, each with a digest file, and
+verified and assembled at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from racedit.checkpoint import step_of
 from racedit.config import SampleConfig
-from racedit.fileio import atomic_path, atomic_write_text
+from racedit.fileio import atomic_path, atomic_write_text, sha256_of, verify_level
 from racedit.models.moe import threshold_layers
 from racedit.npz import read_npz_metadata, write_image_npz
 from racedit.outputs import OVERWRITE_FLAG, refuse_existing
@@ -62,9 +63,48 @@ def _weights_fingerprint(loaded: LoadedCheckpoint) -> dict:
     return {"file": f.name, "size": size, "sha256_head_tail": h.hexdigest()}
 
 
+def _digest_file(batch: Path) -> Path:
+    return batch.with_name(batch.stem.replace("batch_", "digest_") + ".json")  # {"bytes", "sha256"} of the batch
+
+
 def _save_batch(parts: Path, b: int, images: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_path(_batch_file(parts, b)) as tmp, open(tmp, "wb") as f:  # a batch file is absent or complete
-        np.savez(f, images=images, indices=indices, labels=labels)
+    """A batch file is absent or complete, and once present its digest file is too (written before the rename)."""
+    path = _batch_file(parts, b)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, indices=indices, labels=labels)
+        atomic_write_text(_digest_file(path), json.dumps({"bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)}))
+
+
+def _batch_problem(parts: Path, b: int, hash_it: bool) -> str | None:
+    """None when batch file `b` is there and matches its digest file (its size; with `hash_it` its SHA-256 too),
+    else what is wrong; "missing" when it was not made yet. With RACEDIT_VERIFY=0 only its presence counts."""
+    path = _batch_file(parts, b)
+    if not path.exists():
+        return "missing"
+    if verify_level() == 0:
+        return None
+    try:
+        digest = json.loads(_digest_file(path).read_text())
+        size, sha = int(digest["bytes"]), str(digest["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its digest file {_digest_file(path).name} is missing or unreadable"
+    if path.stat().st_size != size:
+        return f"it has {path.stat().st_size} bytes, {_digest_file(path).name} says {size} (truncated or replaced)"
+    if hash_it and sha256_of(path) != sha:
+        return f"it does not match its SHA-256 in {_digest_file(path).name} (its bytes changed after it was written)"
+    return None
+
+
+def _drop_damaged(parts: Path, b: int, hash_it: bool) -> bool:
+    """Whether batch `b` is ready; a damaged one is removed with a one-line note on stderr (it is sampled again)."""
+    problem = _batch_problem(parts, b, hash_it)
+    if problem not in (None, "missing"):
+        path = _batch_file(parts, b)
+        print(f"note: {path} is damaged ({problem}); removed, sampling it again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        _digest_file(path).unlink(missing_ok=True)
+    return problem is None
 
 
 def _assemble(parts: Path, out: Path, num_batches: int, labels: torch.Tensor, batch_size: int, meta: dict) -> None:
@@ -143,8 +183,10 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
 
     Distributed: under `accelerate launch` each process samples the batches b = rank, rank + world_size, ... of
     `batch_size` samples (b covers samples b*batch_size .. ), so no index is duplicated or missing. Every batch
-    is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes; a re-run of the same job (same settings,
-    checked against `<out>.parts/job.json`) skips finished batches. When all are there, the main process
+    is written to `<out>.parts/batch_XXXXXXX.npz` as it finishes, with its size and SHA-256 in
+    `digest_XXXXXXX.json`; a re-run of the same job (same settings, checked against `<out>.parts/job.json`)
+    skips finished batches whose size matches. Before assembling, every batch is hashed; a damaged one is
+    removed and sampled again (one line on stderr). When all are there, the main process
     streams them into `out` (atomic rename) and removes the parts. Sample i depends only on (seed, i) and the
     per-device batch (see `sample_indexed`), so the file does not depend on the number of processes or on
     resuming. The parts directory must be on a filesystem all processes share.
@@ -235,7 +277,9 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
                             f"{', '.join(keys + other)}). Re-run with the same settings to continue it, or delete "
                             f"{parts} (or choose another --out) to start a new one")
 
-    done = {b for b in range(num_batches) if _batch_file(parts, b).exists()}
+    # every process checks the sizes of its own batches (a damaged one is made again); all see the same files
+    done = {b for b in range(num_batches) if (_drop_damaged(parts, b, hash_it=False) if b % world == rank
+                                              else _batch_problem(parts, b, hash_it=False) is None)}
     todo = [b for b in range(rank, num_batches, world) if b not in done]
     pending = sum(min(batch_size, n - b * batch_size) for b in range(num_batches) if b not in done)
     if done:
@@ -243,15 +287,20 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
     bar = tqdm(total=pending, desc=f"sample x{world} proc" if world > 1 else "sample", unit="img",
                disable=not (progress and is_main), smoothing=0.1)
     t0, made = time.perf_counter(), 0
+
+    def make(b: int) -> int:
+        idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
+        images = sample_indexed(loaded.model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
+        _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
+        return len(idx)
+
     with StopSignals("the current batch", announce=is_main) as stop:  # SIGINT/TERM/USR1: keep the batches done
         for j, b in enumerate(todo):
             if (max_batches is not None and j >= max_batches) or stop.requested:
                 break
-            idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
-            images = sample_indexed(loaded.model, loaded.objective, loaded.codec, labels[idx], idx, sample_cfg, seed)
-            _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
-            made += len(idx)
-            bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0 stands for all ranks
+            k = make(b)
+            made += k
+            bar.update(min(k * world, bar.total - bar.n))  # rank 0 stands for all ranks
     bar.close()
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
@@ -267,6 +316,9 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
             f"to continue")
         return None
     if is_main:
+        for b in range(num_batches):  # each batch hashed once, just before it is assembled; a damaged one is redone
+            if not _drop_damaged(parts, b, hash_it=True):
+                make(b)
         _assemble(parts, out, num_batches, labels, batch_size, meta)
         shutil.rmtree(parts, ignore_errors=True)
         say(f"wrote {n} samples to {out}")

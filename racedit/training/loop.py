@@ -22,13 +22,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from racedit.checkpoint import (
+    clean_leftovers,
+    last_good_checkpoint,
     latest_checkpoint,
     load_config_of,
     load_into,
     load_train_state,
     load_weights,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from racedit.config import Config, ConfigError, to_yaml
 from racedit.data.factory import build_codec, build_training_data
@@ -179,9 +183,15 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
 
+    if is_main and (removed := clean_leftovers(ckpt_root)):
+        accelerator.print(f"removed leftovers of crashed saves from {ckpt_root}: {', '.join(removed)}")
+    accelerator.wait_for_everyone()
     ckpt = None
-    if resume:
-        ckpt = resolve_checkpoint(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckpt_root)
+    if resume:  # a checkpoint that does not verify is refused (a path) or skipped (the newest that verifies)
+        if isinstance(resume, (str, Path)):
+            verify_checkpoint(ckpt := resolve_checkpoint(resume))
+        else:
+            ckpt = resume_checkpoint(ckpt_root, say=accelerator.print if is_main else lambda *a: None)
     elif latest_checkpoint(ckpt_root) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
                           f"or choose another train.out_dir")
@@ -339,7 +349,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
             if consecutive_bad >= tc.max_nonfinite:
                 raise TrainingDiverged(
                     f"{consecutive_bad} consecutive non-finite steps, the last at step {step + 1}; "
-                    f"stopping without saving. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}")
+                    f"stopping without saving. Last good checkpoint: "
+                    f"{last_good_checkpoint(last_good, ckpt_root) or 'none (no checkpoint yet)'}")
         step += 1
         stopping = stopping or (accelerator.num_processes == 1 and stop.requested)  # no sync needed on one
         steps_since_log += 1
