@@ -1,4 +1,5 @@
-"""Size presets: DiT-{S,B,M,L,XL}/{2,4,8} and their Race-DiT MoE versions RaceDiT-{size}/{p}-{k}in{E}.
+"""Size presets: DiT-{S,B,M,L,XL}/{2,4,8} and their Race-DiT MoE versions RaceDiT-{size}/{p}-{k}in{E}; the shape
+rules of a MoE layer (1 <= k <= E, and the whole number of pairs each routing group selects).
 
 S/B/L/XL follow the DiT paper; M (16 layers, 960 wide, 16 heads) is the size the Race-DiT paper adds.
 """
@@ -48,3 +49,24 @@ def check_k_in_e(k: int, experts: int) -> None:
     if not 1 <= k <= experts:
         raise ValueError(f"a MoE needs 1 <= k <= E (experts per token, experts), got k={k}, E={experts}")
 
+
+
+# Pairs each group of a routing strategy selects, as (numerator, what it reads as) over E where it is a
+# quotient (racedit.models.routing's table); the others are whole numbers for any shape.
+_QUOTIENTS = {"expert_choice": ("k*L/E tokens per (image, expert)", lambda B, L, k: k * L),
+              "bl_choice": ("B*L*k/E tokens per expert", lambda B, L, k: B * L * k)}
+
+
+def selected_per_group(strategy: str, B: int, L: int, experts: int, k: int) -> int:
+    """K, the (token, expert) pairs each group of `strategy` selects from a batch of B images of L tokens with E
+    experts and k per token (racedit.models.routing's table). Raises ValueError, with the arithmetic, when
+    k is not in [1, E] or K is not a whole number."""
+    check_k_in_e(k, experts)
+    if strategy in _QUOTIENTS:
+        what, numerator = _QUOTIENTS[strategy]
+        n = numerator(B, L, k)
+        if n % experts:
+            raise ValueError(f"{strategy} selects {what}: B={B}, L={L}, k={k}, E={experts} gives {n}/{experts}, "
+                             "not a whole number")
+        return n // experts
+    return {"token_choice": k, "be_choice": B * k, "le_choice": L * k, "expert_race": B * L * k}[strategy]
