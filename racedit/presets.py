@@ -51,10 +51,9 @@ def check_k_in_e(k: int, experts: int) -> None:
 
 
 
-# Pairs each group of a routing strategy selects, as (numerator, what it reads as) over E where it is a
-# quotient (racedit.models.routing's table); the others are whole numbers for any shape.
-_QUOTIENTS = {"expert_choice": ("k*L/E tokens per (image, expert)", lambda B, L, k: k * L),
-              "bl_choice": ("B*L*k/E tokens per expert", lambda B, L, k: B * L * k)}
+# The routing strategies whose pairs per group are a quotient over E (racedit.models.routing's table): the
+# letters multiplied in the numerator, and what one group is; the others are whole numbers for any shape.
+_QUOTIENTS = {"expert_choice": ("kL", "tokens per (image, expert)"), "bl_choice": ("BLk", "tokens per expert")}
 
 
 def selected_per_group(strategy: str, B: int, L: int, experts: int, k: int) -> int:
@@ -63,10 +62,14 @@ def selected_per_group(strategy: str, B: int, L: int, experts: int, k: int) -> i
     k is not in [1, E] or K is not a whole number."""
     check_k_in_e(k, experts)
     if strategy in _QUOTIENTS:
-        what, numerator = _QUOTIENTS[strategy]
-        n = numerator(B, L, k)
+        letters, what = _QUOTIENTS[strategy]
+        values = {"B": B, "L": L, "k": k}
+        n = 1
+        for letter in letters:
+            n *= values[letter]
         if n % experts:
-            raise ValueError(f"{strategy} selects {what}: B={B}, L={L}, k={k}, E={experts} gives {n}/{experts}, "
-                             "not a whole number")
+            given = ", ".join(f"{letter}={values[letter]}" for letter in letters)
+            raise ValueError(f"{strategy} selects {'*'.join(letters)}/E {what}: {given}, E={experts} gives "
+                             f"{n}/{experts}, not a whole number")
         return n // experts
     return {"token_choice": k, "be_choice": B * k, "le_choice": L * k, "expert_race": B * L * k}[strategy]

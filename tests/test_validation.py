@@ -337,7 +337,7 @@ def test_the_batch_layout_is_checked_again_with_the_process_count(tiny_config):
     # bl choice with E = 3 on L = 16 tokens: B*16/3 needs B divisible by 3; 48 / 3 processes = 16 images each
     moe = tiny_config("model.name=RaceDiT-S/2-1in3", "model.routing=bl_choice", "train.global_batch=48")
     check_batch_layout(moe, 2)  # 24 images each
-    with pytest.raises(ConfigError, match=r"bl_choice selects B\*L\*k/E.*B=16, L=16, k=1, E=3"):
+    with pytest.raises(ConfigError, match=r"bl_choice selects B\*L\*k/E tokens per expert: B=16, L=16, k=1, E=3 gives 256/3"):
         check_batch_layout(moe, 3)
     check_batch_layout(tiny_config("model.name=RaceDiT-S/2-1in3", "model.routing=bl_choice", "train.global_batch=48",
                                    "model.race_scope=global"), 3)  # the race spans the ranks: 48 images
