@@ -1,14 +1,16 @@
 """Typed configuration: dataclasses + OmegaConf.
 
 `load_config(path, overrides)` reads a YAML file, merges it onto the dataclass defaults, applies
-command-line overrides of the form `a.b=c`, and validates. An unknown key, a value of the wrong type or a
-value outside its allowed set raises `ConfigError` naming the key and what is accepted. The dataclasses
-below are the config reference: every field carries a comment.
+command-line overrides of the form `a.b=c`, and validates. An unknown key, a value of the wrong type, a
+value outside its allowed set or range (`racedit.limits.RANGES`; nan and inf are never allowed) or values
+that do not fit together (divisibility, MoE quotas, sampling steps <= T, the data against the batch and the
+end-of-run evaluation) raise `ConfigError`: one line naming the key, the value and what is accepted. The
+dataclasses below are the config reference: every field carries a comment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from racedit.presets import check_k_in_e, resolve_preset
+from racedit.limits import DIGITS_EXAMPLES, RANGES, describe, holdout_count, in_range, max_sampling_steps
+from racedit.presets import check_k_in_e, resolve_preset, selected_per_group
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
 }
+
+
+def range_error(key: str, value: Any, spec: str, is_float: bool = True) -> ConfigError:
+    """The one-line error of a number outside its range: the key, the value, what is allowed."""
+    return ConfigError(f"bad value for '{key}': {value!r}. Must be {describe(spec, is_float)}")
 
 
 @dataclass
@@ -253,49 +261,101 @@ def _check_sections(tree: Any, node: Any, prefix: str, where: str) -> None:
 
 
 def validate(cfg: DictConfig | Config) -> None:
-    """Check the values that have an allowed set or a range; raise ConfigError naming the key."""
+    """Check every value against its allowed set or range and the constraints between values (one process; the
+    training loop checks the batch layout again with its process count); raise ConfigError naming the key."""
+    for section in ("diffusion", "loss", "data", "train", "sample"):  # the model's: in check_model_shape
+        _check_ranges(getattr(cfg, section), section)
+    betas = list(cfg.train.betas)
+    if len(betas) != 2 or not all(in_range(b, "[0, 1)") for b in betas):
+        raise ConfigError(f"bad value for 'train.betas': {betas}. Must be two finite numbers in [0, 1) "
+                          "([beta1, beta2], e.g. [0.9, 0.999])")
+    if not all(in_range(b, ">= 0") for b in cfg.model.memory_blocks):
+        raise ConfigError(f"bad value for 'model.memory_blocks': {list(cfg.model.memory_blocks)}. Must be block "
+                          "indices >= 0 (empty = every block)")
     for path, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, path) if isinstance(cfg, DictConfig) else _get(cfg, path)
+        value = _get(cfg, path)
         if value not in allowed:
             raise ConfigError(f"bad value for '{path}': {value!r}. Allowed: {list(allowed)}")
     log_with_names(cfg.train.log_with)
-    model = cfg.model
+    check_model_shape(cfg.model)
+    _validate_memory(cfg.model)
+    check_sample(cfg)
+    d, tc = cfg.diffusion, cfg.train
+    if d.beta_start > d.beta_end:
+        raise ConfigError(f"bad values for 'diffusion.beta_start' and 'diffusion.beta_end': {d.beta_start} > "
+                          f"{d.beta_end}. Need 0 < beta_start <= beta_end < 1")
+    if not str(tc.out_dir).strip():
+        raise ConfigError("bad value for 'train.out_dir': ''. Must name the run directory")
+    _check_losses(cfg)
+    check_batch_layout(cfg)
+    _check_data(cfg)
+
+
+def _check_ranges(node: Any, section: str) -> None:
+    """Every number of config section `section` (e.g. cfg.train) inside its `RANGES` entry."""
+    for path, spec in RANGES.items():
+        if path.startswith(f"{section}."):
+            value, declared = getattr(node, path.split(".", 1)[1]), _field_type(path) or ""
+            if not (value is None and "None" in declared) and not in_range(value, spec):
+                raise range_error(path, value, spec, is_float="float" in declared)
+
+
+def resolved_sizes(model: Any) -> dict[str, int]:
+    """depth, hidden_size, num_heads, patch_size, moe_k, moe_experts of a model config, the preset's where None;
+    ConfigError for an unknown preset name."""
     try:
-        resolve_preset(model.name)
+        preset = resolve_preset(model.name)
     except KeyError as e:
         raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
+    return {key: preset[key] if getattr(model, key) is None else getattr(model, key) for key in preset}
+
+
+def check_model_shape(model: Any) -> None:
+    """Raise ConfigError unless a model's numbers are in their `RANGES` and its sizes fit together (preset
+    values where fields are None): the k-in-E shape (`check_moe_shape`), heads dividing the width, a width
+    the 2-D sin-cos position embedding takes (a multiple of 4), patches tiling the input, frac-connections'
+    fractions dividing the width, a feed-forward (or expert) hidden width >= 1, and a whole number of pairs
+    per routing group for the strategies whose quota does not depend on the batch (expert choice). The
+    boundary check for configs (`validate`) and for models built in code (`racedit.models.resolve_model_config`)."""
+    _check_ranges(model, "model")
+    size = resolved_sizes(model)
+    D, heads, p = size["hidden_size"], size["num_heads"], size["patch_size"]
+    if D % heads:
+        raise ConfigError(f"model.hidden_size={D} is not divisible by model.num_heads={heads}")
+    if D % 4:
+        raise ConfigError(f"bad value for 'model.hidden_size': {D}. Must be a multiple of 4 (the 2-D sin-cos "
+                          "position embedding gives a quarter of the width to each of sin/cos x rows/columns)")
+    if model.input_size % p:
+        raise ConfigError(f"model.input_size={model.input_size} is not divisible by model.patch_size={p}")
+    if model.connections == "frac" and D % model.connections_m:
+        raise ConfigError(f"model.connections_m={model.connections_m} must divide model.hidden_size={D} "
+                          "(frac-connections cut the width into that many fractions)")
     check_moe_shape(model)
-    objective, sampler = cfg.diffusion.objective, cfg.sample.sampler
-    if sampler not in SAMPLERS[objective]:
-        raise ConfigError(f"bad value for 'sample.sampler': {sampler!r} does not apply to diffusion.objective="
-                          f"{objective}. Allowed: {list(SAMPLERS[objective])}")
-    positive = {"train.steps": cfg.train.steps, "train.global_batch": cfg.train.global_batch,
-                "train.grad_accum": cfg.train.grad_accum, "sample.steps": cfg.sample.steps}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"bad value for '{key}': {value}. Must be >= 1")
-    if not 0 <= cfg.train.seed < 2**32:  # racedit.seeding hashes it as one 32-bit word
-        raise ConfigError(f"bad value for 'train.seed': {cfg.train.seed}. Must be in [0, 2**32)")
-    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
-        raise ConfigError(f"bad value for 'model.class_dropout_prob': {cfg.model.class_dropout_prob}. Must be in [0, 1)")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"bad value for 'train.ema_decay': {cfg.train.ema_decay}. Must be in [0, 1)")
-    _validate_memory(cfg.model)
-    # A checkpoint converted from pretrained weights (racedit.interop) has no latent directory; it names the
-    # VAE to decode with in data.vae instead. Training such a config still needs data.latents (the dataset
-    # then reports the empty path).
-    if cfg.data.kind == "latents" and not cfg.data.latents and not cfg.data.vae:
-        raise ConfigError("'data.latents' must name the latent directory when data.kind=latents "
-                          "(a checkpoint used only for sampling may name its VAE in 'data.vae' instead)")
+    k, experts = size["moe_k"], size["moe_experts"]
+    hidden = round(model.mlp_ratio * D / k) if experts else int(D * model.mlp_ratio)
+    if hidden < 1:
+        raise ConfigError(f"bad value for 'model.mlp_ratio': {model.mlp_ratio}. The feed-forward hidden width "
+                          f"{'mlp_ratio * D / k' if experts else 'mlp_ratio * D'} rounds to {hidden}; must be >= 1")
+    if experts and model.routing != "bl_choice":  # the one quota that depends on the batch: check_batch_layout
+        _check_quota(model, 1, "")
+
+
+def _check_quota(model: Any, batch: int, where: str) -> None:
+    size = resolved_sizes(model)
+    tokens = (model.input_size // size["patch_size"]) ** 2
+    try:
+        selected_per_group(model.routing, batch, tokens, size["moe_experts"], size["moe_k"])
+    except ValueError as e:
+        raise ConfigError(f"bad MoE shape for model.routing={model.routing}: {e} (L = (model.input_size / "
+                          f"model.patch_size)^2 = {tokens}{where}); change model.moe_experts, moe_k or the "
+                          "sizes") from None
 
 
 def check_moe_shape(model: Any) -> None:
     """Raise ConfigError unless a model's k-in-E shape is sound: model.moe_k / model.moe_experts where set,
-    else the preset's -kinE. E = 0 is a dense model (k must then be 0 too). The boundary check of this value
-    for configs (`validate`) and for models built in code (`racedit.models.resolve_model_config`)."""
-    preset = resolve_preset(model.name)
-    k = preset["moe_k"] if model.moe_k is None else model.moe_k
-    experts = preset["moe_experts"] if model.moe_experts is None else model.moe_experts
+    else the preset's -kinE. E = 0 is a dense model (k must then be 0 too). Part of `check_model_shape`."""
+    size = resolved_sizes(model)
+    k, experts = size["moe_k"], size["moe_experts"]
     if not (k or experts):
         return
     try:
@@ -303,6 +363,88 @@ def check_moe_shape(model: Any) -> None:
     except ValueError:
         raise ConfigError(f"bad MoE shape of model '{model.name}': need 1 <= model.moe_k <= model.moe_experts "
                           f"(the name's -kinE where they are not set), got k={k}, E={experts}") from None
+
+
+def check_batch_layout(cfg: Any, world_size: int = 1) -> None:
+    """Raise ConfigError unless train.global_batch splits into train.grad_accum x `world_size` equal
+    micro-batches and each routing group of such a micro-batch (of all ranks' with race_scope=global) selects
+    a whole number of pairs. `validate` checks one process; `racedit.training.loop.train` its process count."""
+    tc, model = cfg.train, cfg.model
+    parts = tc.grad_accum * world_size
+    if tc.global_batch % parts:
+        raise ConfigError(f"bad value for 'train.global_batch': {tc.global_batch} is not divisible by "
+                          f"train.grad_accum x processes = {tc.grad_accum} x {world_size}")
+    if model.routing == "bl_choice" and resolved_sizes(model)["moe_experts"]:
+        micro = tc.global_batch // parts
+        batch = micro * world_size if model.race_scope == "global" else micro
+        _check_quota(model, batch, f", B = train.global_batch / (train.grad_accum x {world_size} process(es))"
+                                   f"{' x processes (race_scope=global)' if model.race_scope == 'global' else ''}"
+                                   f" = {batch}")
+
+
+def check_sampling_batch(cfg: Any, batch: int, what: str) -> None:
+    """Raise ConfigError unless a sampling batch of `batch` images (`what`, e.g. the training loop's grids) can be
+    routed: with model.inference_routing=topk the training rule routes it, doubled under guidance."""
+    model = cfg.model
+    if model.routing == "bl_choice" and model.inference_routing == "topk" and resolved_sizes(model)["moe_experts"]:
+        images = batch * (2 if cfg.sample.cfg_scale != 1 else 1)
+        _check_quota(model, images, f", B = {images} images of {what} under inference_routing=topk")
+
+
+def check_sample(cfg: Any, flags: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError unless the `sample:` settings apply to the model and objective of `cfg`: a sampler of
+    the objective, at most `max_sampling_steps` steps, guidance of at most model.in_channels channels. `flags`
+    names the command-line flag that set a key (e.g. {'sample.steps': '--steps'}) for the message."""
+    flags = flags or {}  # (each flag's own range was checked when the arguments parsed)
+    s, objective, T = cfg.sample, cfg.diffusion.objective, cfg.diffusion.num_timesteps
+    if s.sampler not in SAMPLERS[objective]:
+        raise ConfigError(f"bad value for {flags.get('sample.sampler', repr('sample.sampler'))}: {s.sampler!r} does "
+                          f"not apply to diffusion.objective={objective}. Allowed: {list(SAMPLERS[objective])}")
+    most = max_sampling_steps(s.sampler, T)
+    if s.steps > most:
+        raise ConfigError(f"bad value for {flags.get('sample.steps', repr('sample.steps'))}: {s.steps}. Must be <= "
+                          f"{most} for sampler {s.sampler} with diffusion.num_timesteps={T}")
+    if s.guidance_channels > cfg.model.in_channels:
+        raise ConfigError(f"bad value for {flags.get('sample.guidance_channels', repr('sample.guidance_channels'))}: "
+                          f"{s.guidance_channels}. Must be in [0, model.in_channels={cfg.model.in_channels}] (0 = all)")
+
+
+def _check_losses(cfg: Any) -> None:
+    on = [f"loss.{key}={getattr(cfg.loss, key)}" for key in ("router_similarity", "per_layer_reg", "balance",
+                                                           "z_loss") if getattr(cfg.loss, key) > 0]
+    if on and not resolved_sizes(cfg.model)["moe_experts"]:
+        raise ConfigError(f"{', '.join(on)}: an auxiliary routing loss, but model '{cfg.model.name}' has no MoE "
+                          "layer; set it to 0 for a dense model")
+    if cfg.loss.per_layer_reg > 0 and not cfg.model.router_target_head:
+        raise ConfigError("loss.per_layer_reg > 0 needs the router target heads: set model.router_target_head=true")
+
+
+def _check_data(cfg: Any) -> None:
+    """The data against the batch and the end-of-run evaluation (what can be known before reading any data)."""
+    d, tc = cfg.data, cfg.train
+    # A checkpoint converted from pretrained weights (racedit.interop) has no latent directory; it names the
+    # VAE to decode with in data.vae instead. Training such a config still needs data.latents (the dataset
+    # then reports the empty path).
+    if d.kind == "latents" and not d.latents and not d.vae:
+        raise ConfigError("'data.latents' must name the latent directory when data.kind=latents "
+                          "(a checkpoint used only for sampling may name its VAE in 'data.vae' instead)")
+    if tc.eval_samples_per_class and d.kind != "digits":
+        raise ConfigError(f"train.eval_samples_per_class={tc.eval_samples_per_class} applies to data.kind=digits "
+                          f"only (the end-of-run digits evaluation); set it to 0 for data.kind={d.kind}")
+    if tc.eval_samples_per_class and tc.seed == 2**32 - 1:
+        raise ConfigError(f"bad value for 'train.seed': {tc.seed}. With train.eval_samples_per_class > 0 it must be "
+                          "< 2**32 - 1 (the evaluation samples with seed + 1)")
+    if d.kind != "digits":
+        return  # the latent store's size is known from its manifest when training starts
+    held = holdout_count(DIGITS_EXAMPLES, d.holdout_fraction)
+    need = 2 if tc.eval_samples_per_class else 1
+    if held < need:
+        raise ConfigError(f"bad value for 'data.holdout_fraction': {d.holdout_fraction} holds out {held} of the "
+                          f"{DIGITS_EXAMPLES} digits; need >= {need}" + (" (the end-of-run digits FD)" if need > 1 else "")
+                          + f", i.e. a fraction above {(need - 0.5) / DIGITS_EXAMPLES:.5f}")
+    if DIGITS_EXAMPLES - held < tc.global_batch:
+        raise ConfigError(f"data.holdout_fraction={d.holdout_fraction} leaves {DIGITS_EXAMPLES - held} training digits, "
+                          f"fewer than train.global_batch={tc.global_batch}")
 
 
 def log_with_names(value: Any) -> list[str]:
@@ -328,27 +470,16 @@ def log_with_names(value: Any) -> list[str]:
 
 
 def _validate_memory(model: Any) -> None:
-    """Ranges of the memory-layer options that do not depend on the preset (the rest is checked when the
-    layers are built, racedit.models.memory)."""
-    at_least = {"memory_keys": 1, "memory_topk": 1, "memory_heads": 1, "memory_rank": 1, "memory_cores": 1,
-                "memory_key_dim": 0, "memory_value_dim": 0, "memory_prevalue_dim": 0, "memory_expansion": 0}
-    for key, low in at_least.items():
-        if getattr(model, key) < low:
-            raise ConfigError(f"bad value for 'model.{key}': {getattr(model, key)}. Must be >= {low}")
+    """The memory-layer options beyond their `RANGES` that do not depend on the preset (the rest is checked
+    when the layers are built, racedit.models.memory)."""
     e = model.memory_expansion
     if e and int(e ** 0.5 + 0.5) ** 2 != e:
         raise ConfigError(f"bad value for 'model.memory_expansion': {e}. Must be 0 or a square (1, 4, 9, 16)")
-    if not 0.0 < model.memory_share < 1.0:
-        raise ConfigError(f"bad value for 'model.memory_share': {model.memory_share}. Must be in (0, 1)")
-    if model.memory_value_std < 0 or model.memory_value_lr_scale <= 0:
-        raise ConfigError("bad value for 'model.memory_value_std' or 'model.memory_value_lr_scale': "
-                          f"{model.memory_value_std}, {model.memory_value_lr_scale}. Need std >= 0 and scale > 0")
-    if not 0.0 <= model.memory_value_lr_decay <= 1.0:
-        raise ConfigError(f"bad value for 'model.memory_value_lr_decay': {model.memory_value_lr_decay}. "
-                          "Must be in [0, 1]")
 
 
 def _get(obj: Any, path: str) -> Any:
+    if isinstance(obj, DictConfig):
+        return OmegaConf.select(obj, path)
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj

@@ -1,4 +1,5 @@
-"""Size presets: DiT-{S,B,M,L,XL}/{2,4,8} and their Race-DiT MoE versions RaceDiT-{size}/{p}-{k}in{E}.
+"""Size presets: DiT-{S,B,M,L,XL}/{2,4,8} and their Race-DiT MoE versions RaceDiT-{size}/{p}-{k}in{E}; the shape
+rules of a MoE layer (1 <= k <= E, and the whole number of pairs each routing group selects).
 
 S/B/L/XL follow the DiT paper; M (16 layers, 960 wide, 16 heads) is the size the Race-DiT paper adds.
 """
@@ -48,3 +49,27 @@ def check_k_in_e(k: int, experts: int) -> None:
     if not 1 <= k <= experts:
         raise ValueError(f"a MoE needs 1 <= k <= E (experts per token, experts), got k={k}, E={experts}")
 
+
+
+# The routing strategies whose pairs per group are a quotient over E (racedit.models.routing's table): the
+# letters multiplied in the numerator, and what one group is; the others are whole numbers for any shape.
+_QUOTIENTS = {"expert_choice": ("kL", "tokens per (image, expert)"), "bl_choice": ("BLk", "tokens per expert")}
+
+
+def selected_per_group(strategy: str, B: int, L: int, experts: int, k: int) -> int:
+    """K, the (token, expert) pairs each group of `strategy` selects from a batch of B images of L tokens with E
+    experts and k per token (racedit.models.routing's table). Raises ValueError, with the arithmetic, when
+    k is not in [1, E] or K is not a whole number."""
+    check_k_in_e(k, experts)
+    if strategy in _QUOTIENTS:
+        letters, what = _QUOTIENTS[strategy]
+        values = {"B": B, "L": L, "k": k}
+        n = 1
+        for letter in letters:
+            n *= values[letter]
+        if n % experts:
+            given = ", ".join(f"{letter}={values[letter]}" for letter in letters)
+            raise ValueError(f"{strategy} selects {'*'.join(letters)}/E {what}: {given}, E={experts} gives "
+                             f"{n}/{experts}, not a whole number")
+        return n // experts
+    return {"token_choice": k, "be_choice": B * k, "le_choice": L * k, "expert_race": B * L * k}[strategy]

@@ -92,11 +92,13 @@ def test_main_help_lists_every_subcommand_and_each_help_works(capsys):
 
 
 def test_a_command_without_its_subcommand_is_a_usage_error(capsys):
-    for argv in ([], ["convert"], ["sample"]):
+    for argv, says in (([], ", ".join(SUBCOMMANDS)), (["convert"], ", ".join(CONVERSIONS)), (["sample"], "--ckpt")):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
-        assert "usage: racedit" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"racedit{''.join(' ' + a for a in argv)}: error: "), err
+        assert says in err and err.endswith(f"see racedit{''.join(' ' + a for a in argv)} --help\n"), err
 
 
 # --- one flag vocabulary ----------------------------------------------------------------------------------

@@ -113,10 +113,12 @@ def run_train(args) -> int:
 
 @command("sample")
 def run_sample(args) -> int:
+    from dataclasses import replace
+
     import torch
     from accelerate import PartialState
 
-    from racedit.config import CHOICES
+    from racedit.config import CHOICES, check_sample
     from racedit.sampling import (
         check_grid_out,
         grid_for_classes,
@@ -147,6 +149,9 @@ def run_sample(args) -> int:
             print(loaded.threshold_calibration.summary())
         scfg = sample_config_with(loaded.config.sample, sampler=args.sampler, steps=args.steps,
                                   cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels)
+        flags = {"sample.sampler": "--sampler", "sample.steps": "--steps", "sample.guidance_channels": "--guidance-channels"}
+        check_sample(replace(loaded.config, sample=scfg),  # against this checkpoint's T and channels
+                     {key: flag for key, flag in flags.items() if getattr(args, flag[2:].replace("-", "_")) is not None})
         if to_npz:
             if main_process and not args.quiet:
                 n = args.num_samples or args.per_class * loaded.model.num_classes

@@ -19,14 +19,21 @@ A flag means the same thing in every subcommand that has it:
     --set KEY=VALUE ...   config overrides, applied in order (train, ablate, convert upcycle); repeatable.
                           `racedit train` also takes them as bare positional arguments (`train.steps=100`).
 
-Only argparse is imported here, so `racedit --help` answers at once; `racedit.cli.commands` runs the
-subcommands.
+Every number a flag takes is checked when the arguments parse, against its range (`ranged`: the ranges of
+racedit.limits, the same as the config's where a flag sets a config value); nan and inf are refused. An
+argument error is one line on stderr, `racedit COMMAND: error: ...`, with exit status 2.
+
+Only argparse (and racedit.limits, which imports nothing) is imported here, so `racedit --help` answers at
+once; `racedit.cli.commands` runs the subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+
+from racedit.limits import RANGES, describe, in_range
 
 PROG = "racedit"
 
@@ -43,12 +50,44 @@ CALIBRATION_BATCH_HELP = "batch size of --calibrate-threshold (default: the conf
 OVERWRITE_HELP = "replace existing outputs that racedit did not write for this same job (default: refuse them)"
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def ranged(kind: type, spec: str, name: str) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` (int or float) inside the range `spec` (racedit.limits: '>= 1',
+    '[0, 2**32)', ...), finite. The function keeps its range as `.spec`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}; "
+                                             f"must be {describe(spec, kind is float)}") from None
+        if not in_range(value, spec):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {describe(spec, kind is float)}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.spec = spec  # type: ignore[attr-defined]
+    return parse
+
+
+positive_int = ranged(int, ">= 1", "positive_int")
+nonnegative_int = ranged(int, ">= 0", "nonnegative_int")
+nonnegative_float = ranged(float, ">= 0", "nonnegative_float")
+seed_int = ranged(int, RANGES["train.seed"], "seed_int")  # racedit.seeding hashes a seed as one 32-bit word
+# the flags that override a config value take that value's range
+sample_steps = ranged(int, RANGES["sample.steps"], "sample_steps")
+cfg_scale = ranged(float, RANGES["sample.cfg_scale"], "cfg_scale")
+guidance_channels = ranged(int, RANGES["sample.guidance_channels"], "guidance_channels")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `racedit COMMAND: error: MESSAGE; see racedit COMMAND --help`,
+    with exit status 2 (argparse's own prints the usage first, which can run to many lines)."""
+
+    def error(self, message: str):
+        for action in self._actions:  # a missing command: say which there are
+            if isinstance(action, argparse._SubParsersAction) and f"required: {action.metavar}" in message:
+                message += f" (one of: {', '.join(action.choices)})"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 # --- the shared flags: each defined once ------------------------------------------------------------------
@@ -84,7 +123,7 @@ def add_overwrite(p: argparse.ArgumentParser, help: str = "") -> None:
 
 
 def add_seed(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help=help)
+    p.add_argument("--seed", type=seed_int, default=0, help=help)
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "images per forward pass") -> None:
@@ -96,7 +135,7 @@ def add_vae(p: argparse.ArgumentParser, help: str, required: bool = False) -> No
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibrate-threshold", type=int, default=0, metavar="N", help=CALIBRATE_HELP)
+    p.add_argument("--calibrate-threshold", type=nonnegative_int, default=0, metavar="N", help=CALIBRATE_HELP)
     p.add_argument("--calibration-batch", type=positive_int, default=None, help=CALIBRATION_BATCH_HELP)
 
 
@@ -126,15 +165,17 @@ def _sample(sub) -> None:
                  "re-run resumes it. See docs/fid.md")
     add_ckpt(p)
     add_out(p, "grid .png, or .npz (with --num-samples or --per-class)")
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids for a grid (one row each)")
+    p.add_argument("--classes", type=nonnegative_int, nargs="+", default=None, help="class ids for a grid (one row each)")
     p.add_argument("--per-class", type=positive_int, default=None,
                    help="grid: samples per class (default 8); npz: K samples of every class (balanced labels)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="npz: this many samples with uniformly drawn (seeded) labels")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+    p.add_argument("--cfg-scale", type=cfg_scale, default=None,
+                   help="guidance scale, >= 0; 1 = no guidance (default: the config's)")
     p.add_argument("--sampler", default=None, help="ddpm | ddim | dpm_solver | euler | heun (default: the config's)")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the config's)")
-    p.add_argument("--guidance-channels", type=int, default=None,
+    p.add_argument("--steps", type=sample_steps, default=None,
+                   help="sampling steps (default: the config's); at most T for ddpm and ddim, T - 1 for dpm_solver")
+    p.add_argument("--guidance-channels", type=guidance_channels, default=None,
                    help="0 = guide all channels; 3 = DiT's legacy 3-of-4 channel guidance")
     add_seed(p, "labels and noise; sample i depends only on (seed, i)")
     add_batch_size(p, 64, "images per forward on each device")
@@ -182,7 +223,7 @@ def _fid(sub) -> None:
     add_out(p, "JSON report (default: SAMPLES with suffix .fid.json)", required=False)
     p.add_argument("--save-stats", default=None, metavar="PATH",
                    help="also write the statistics of SAMPLES (mu, sigma, features) for later use as --ref")
-    p.add_argument("--stats-features", type=int, default=10000,
+    p.add_argument("--stats-features", type=nonnegative_int, default=10000,
                    help="with --save-stats: how many features to keep for precision/recall (0 = none)")
     p.add_argument("--num-samples", type=positive_int, default=None, help="evaluate only the first N samples")
     add_batch_size(p, 100, "images per Inception forward")
@@ -212,7 +253,7 @@ def _extract_latents(sub) -> None:
     p.add_argument("--image-size", type=positive_int, default=256, help="side of the ADM center crop")
     add_batch_size(p, 32, "images per VAE call (each also encoded mirrored)")
     p.add_argument("--shard-size", type=positive_int, default=20_000, help="image files per shard")
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers per process")
+    p.add_argument("--num-workers", type=nonnegative_int, default=None, help="image decoding workers per process")
     p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="dtype of the shards")
     p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype the encoder runs in")
     p.add_argument("--verify-checksums", action="store_true", help="re-hash existing shards before reusing them")
@@ -230,7 +271,7 @@ def _convert(sub) -> None:
                  command="convert from-dit")
     q.add_argument("path", help="e.g. DiT-XL-2-256x256.pt (read with torch.load(weights_only=True))")
     add_out(q, "new checkpoint directory (racedit sample --ckpt OUT)")
-    q.add_argument("--image-size", type=int, choices=(256, 512), default=None,
+    q.add_argument("--image-size", type=positive_int, choices=(256, 512), default=None,
                    help="check the weights are for this image size (default: read from pos_embed)")
     q.add_argument("--num-heads", type=positive_int, default=None, help="only for sizes that are no DiT preset")
     add_vae(q, "VAE for decoding: hub id or local dir (default stabilityai/sd-vae-ft-ema)")
@@ -253,7 +294,8 @@ def _convert(sub) -> None:
     add_ckpt(q, help=f"dense {CKPT_HELP}")
     q.add_argument("--to", required=True, help="RaceDiT preset of the same size, e.g. RaceDiT-XL/2-4in32")
     add_out(q, "new checkpoint directory")
-    q.add_argument("--noise-std", type=float, default=0.01, help="expert noise, relative to the weights' std")
+    q.add_argument("--noise-std", type=nonnegative_float, default=0.01,
+                   help="expert noise, relative to the weights' std (>= 0)")
     add_seed(q, "noise and router direction")
     add_no_ema(q)
     q.add_argument("--no-probe", action="store_true", help="skip measuring the gap on a random batch")
@@ -283,7 +325,7 @@ def _routing_report(sub) -> None:
     add_ckpt(p)
     add_out(p, "output directory (default: <run dir>/routing_report/<checkpoint name>)", required=False)
     p.add_argument("--timesteps", type=positive_int, default=10, help="evenly spaced timesteps (default 10)")
-    p.add_argument("--classes", type=int, nargs="*", default=None,
+    p.add_argument("--classes", type=nonnegative_int, nargs="*", default=None,
                    help="class labels (default: all classes if at most 10, else 10 evenly spaced)")
     p.add_argument("--per-class", type=positive_int, default=4, help="images per class (default 4)")
     add_batch_size(p, 64)
@@ -304,13 +346,13 @@ def _command(sub, name: str, summary: str, details: str = "", command: str | Non
     """A subcommand's parser: `summary` in the list of commands, `summary` + `details` in its own --help.
     `command` (default: `name`) is the key racedit.cli.commands runs it by."""
     text = f"{summary[0].upper()}{summary[1:]}. {details}".strip().rstrip(".") + "."
-    p = sub.add_parser(name, help=summary, description=text)
+    p = sub.add_parser(name, help=summary, description=text)  # a Parser, as its parent
     p.set_defaults(command=command or name, parser=p)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Class-conditional Diffusion Transformers with Expert Race MoE routing: train, "
         "sample, evaluate, convert. `racedit COMMAND --help` shows each command's flags; a flag means the same "
         "thing in every command (--ckpt, --no-ema, --device, --quiet, --out, --seed, --batch-size, --vae, --set).")
@@ -321,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` (default: sys.argv[1:]) and check the flags that depend on each other; argparse exits with
-    status 2 and a usage line on any error."""
+    """Parse `argv` (default: sys.argv[1:]) and check the flags that depend on each other; on any error the
+    parser prints one line and exits with status 2."""
     args = build_parser().parse_args(argv)
     check = CHECKS.get(args.command)
     problem = check(args) if check is not None else None

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from racedit.limits import DIGITS_EXAMPLES, holdout_count
+
 NUM_CLASSES = 10
 NATIVE_SIZE = 8
 MAX_INTENSITY = 16.0  # load_digits intensities are integers 0..16
@@ -36,6 +38,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     bunch = load_digits()
     images = np.ascontiguousarray(bunch.images, dtype=np.float32)
     labels = np.ascontiguousarray(bunch.target, dtype=np.int64)
+    assert len(labels) == DIGITS_EXAMPLES, len(labels)  # racedit.config checks the split sizes with this count
     images.setflags(write=False)  # cached and shared: nobody may change it in place
     labels.setflags(write=False)
     return images, labels
@@ -65,7 +68,7 @@ def digits_split_indices(
     labels = np.asarray(labels)
     classes = np.unique(labels)
     sizes = np.array([(labels == c).sum() for c in classes], dtype=np.int64)
-    per_class = _apportion(sizes, int(round(len(labels) * holdout_fraction)))
+    per_class = _apportion(sizes, holdout_count(len(labels), holdout_fraction))
     rng = np.random.RandomState(seed)
     holdout = []
     for c, h in zip(classes, per_class):

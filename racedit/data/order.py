@@ -22,9 +22,8 @@ class ResumableBatchOrder:
     def __init__(self, num_examples: int, global_batch: int, seed: int, world_size: int = 1, rank: int = 0,
                  grad_accum: int = 1):
         per_step = world_size * grad_accum
-        if global_batch % per_step:
-            raise ValueError(f"train.global_batch={global_batch} must be divisible by processes x train.grad_accum "
-                             f"= {world_size} x {grad_accum}")
+        # the config's boundary check (racedit.config.check_batch_layout) reports this to the user
+        assert global_batch % per_step == 0, (global_batch, world_size, grad_accum)
         if num_examples < global_batch:
             raise ValueError(f"the dataset has {num_examples} examples, fewer than train.global_batch={global_batch}")
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed

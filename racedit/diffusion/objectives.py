@@ -178,8 +178,8 @@ class DDPMObjective(Objective):
     name = "ddpm"
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = False):
-        if num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if num_timesteps < 2:  # the posterior's log-variance at t=0 is taken from t=1
+            raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
         if not 0.0 < beta_start <= beta_end < 1.0:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         self.num_timesteps = num_timesteps

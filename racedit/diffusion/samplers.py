@@ -8,9 +8,11 @@
 | flow      | `euler`      | FlowMatchEulerDiscreteScheduler, shift=1            | t = 1, 1 - 1/n_step, ..., 1/n_step, last step to 0 |
 | flow      | `heun`       | FlowMatchHeunDiscreteScheduler, shift=1             | diffusers' grid linspace(1, 0.001, n_step), last (Euler) step to 0; 2 n_step - 1 model calls |
 
-DDPM schedulers get the objective's own betas. Respacing: DDPMScheduler takes the previous timestep from
-its timestep array, so each step uses the respaced beta_t = 1 - abar_t / abar_prev and posterior
-variance (1 - abar_prev) / (1 - abar_t) * beta_t, as in ADM's respaced process. The learned variance of a
+DDPM schedulers get the objective's own betas. n_step is at most T for `ddpm` and `ddim` and T - 1 for
+`dpm_solver`, whose rounded grid of n_step + 1 points repeats a step beyond that and samples nan
+(`racedit.limits.max_sampling_steps`, checked when a config loads). Respacing: DDPMScheduler takes the
+previous timestep from its timestep array, so each step uses the respaced beta_t = 1 - abar_t / abar_prev and
+posterior variance (1 - abar_prev) / (1 - abar_t) * beta_t, as in ADM's respaced process. The learned variance of a
 learn_sigma model is honoured by `ddpm` (variance_type "learned_range", the last C output channels are
 passed through); `ddim` and `dpm_solver` have no use for it and receive only the first C channels.
 (diffusers' DPM-Solver would otherwise cut a learned-variance output at a hard-coded 3 channels.)
@@ -51,6 +53,7 @@ from tqdm.auto import tqdm
 from racedit.config import SAMPLERS
 from racedit.diffusion.guidance import guided_model_fn
 from racedit.diffusion.objectives import FLOW_TIME_SCALE, DDPMObjective, FlowObjective, Objective
+from racedit.limits import max_sampling_steps
 
 
 def _check_sampler(objective: Objective, sampler: str) -> None:
@@ -98,8 +101,9 @@ def make_schedule(objective: Objective, sampler: str, steps: int) -> SamplingSch
 
 def _ddpm_schedule(objective: DDPMObjective, sampler: str, steps: int) -> SamplingSchedule:
     T = objective.num_timesteps
-    if steps > T:
-        raise ValueError(f"steps ({steps}) cannot exceed the {T} training timesteps of the ddpm objective")
+    if steps > max_sampling_steps(sampler, T):
+        raise ValueError(f"steps ({steps}) cannot exceed {max_sampling_steps(sampler, T)} for sampler {sampler} over the "
+                         f"{T} training timesteps of the ddpm objective")
     no_clip = dict(prediction_type="epsilon", clip_sample=False)  # latents are not in [-1, 1]
     if sampler == "ddpm":
         variance = "learned_range" if objective.learn_sigma else "fixed_small"

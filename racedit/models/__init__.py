@@ -8,27 +8,18 @@ from dataclasses import fields, replace
 import torch
 import torch.nn as nn
 
-from racedit.config import ConfigError, ModelConfig, check_moe_shape
+from racedit.config import ConfigError, ModelConfig, check_model_shape, resolved_sizes
 from racedit.models.dit import DiT, DiTBlock, build_feedforward
 from racedit.models.memory import read_macs_per_token
-from racedit.presets import resolve_preset
 
 __all__ = ["DiT", "create_model", "resolve_model_config", "count_params", "count_macs"]
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields left at None from the preset named by `cfg.name`, and check the k-in-E shape."""
-    try:
-        preset = resolve_preset(cfg.name)
-    except KeyError as e:
-        raise ConfigError(f"bad value for 'model.name': {e.args[0]}") from None
-    filled = {key: value for key, value in preset.items() if getattr(cfg, key) is None}
-    cfg = replace(cfg, **filled)
-    check_moe_shape(cfg)
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
-    if cfg.input_size % cfg.patch_size:
-        raise ConfigError(f"model.input_size={cfg.input_size} is not divisible by model.patch_size={cfg.patch_size}")
+    """Fill the fields left at None from the preset named by `cfg.name`, and check the sizes fit together
+    (`racedit.config.check_model_shape`)."""
+    cfg = replace(cfg, **resolved_sizes(cfg))
+    check_model_shape(cfg)
     if cfg.memory == "ultramemv2" and not cfg.memory_key_dim:
         cfg = replace(cfg, memory_key_dim=_memory_share_key_dim(cfg))
     return cfg

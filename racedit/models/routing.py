@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from racedit.presets import check_k_in_e
+from racedit.presets import selected_per_group
 
 STRATEGIES = ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race")
 GATINGS = ("identity", "sigmoid", "softmax")
@@ -59,21 +59,16 @@ def group_layout(strategy: str, B: int, L: int, E: int, k: int) -> tuple[tuple[i
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown routing strategy {strategy!r}; allowed: {list(STRATEGIES)}")
-    check_k_in_e(k, E)
-    if strategy == "expert_choice" and (k * L) % E:
-        raise ValueError(f"expert_choice selects k*L/E tokens per (image, expert): k={k}, L={L}, E={E} "
-                         f"gives {k * L}/{E}, not a whole number")
-    if strategy == "bl_choice" and (B * L * k) % E:
-        raise ValueError(f"bl_choice selects B*L*k/E tokens per expert: B={B}, L={L}, k={k}, E={E} "
-                         f"gives {B * L * k}/{E}, not a whole number")
-    return {
-        "token_choice": ((0, 1, 2), B * L, E, k),
-        "expert_choice": ((0, 2, 1), B * E, L, k * L // E),
-        "bl_choice": ((2, 0, 1), E, B * L, B * L * k // E),
-        "be_choice": ((1, 0, 2), L, B * E, B * k),
-        "le_choice": ((0, 1, 2), B, L * E, L * k),
-        "expert_race": ((0, 1, 2), 1, B * L * E, B * L * k),
+    K = selected_per_group(strategy, B, L, E, k)
+    layout = {
+        "token_choice": ((0, 1, 2), B * L, E),
+        "expert_choice": ((0, 2, 1), B * E, L),
+        "bl_choice": ((2, 0, 1), E, B * L),
+        "be_choice": ((1, 0, 2), L, B * E),
+        "le_choice": ((0, 1, 2), B, L * E),
+        "expert_race": ((0, 1, 2), 1, B * L * E),
     }[strategy]
+    return (*layout, K)
 
 
 def grouped_topk(scores: torch.Tensor, strategy: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from racedit.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from racedit.config import Config, ConfigError, to_yaml
+from racedit.config import Config, ConfigError, check_batch_layout, check_sampling_batch, to_yaml
 from racedit.data.factory import build_codec, build_training_data
 from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
@@ -156,6 +156,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     # MoE layers may leave parameters without gradient on a rank (the router's target head when
     # per-layer regularization is off), which DDP must be told about.
     moe = bool(resolve_model_config(cfg.model).moe_experts)
+    check_sampling_batch(cfg, _grid_size(cfg.model.num_classes), "the sample grids")
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                               step_scheduler_with_optimizer=False, log_with=trackers(tc.log_with, tc.out_dir),
                               project_dir=tc.out_dir,
@@ -163,6 +164,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     # installed after the Accelerator: its rendezvous keeps the default behaviour of the signals
     with StopSignals("this optimizer step and its checkpoint", announce=accelerator.is_main_process) as stop:
         try:
+            check_batch_layout(cfg, accelerator.num_processes)  # the config was checked for one process
             with lock_on_main(accelerator, tc.out_dir, "train.out_dir"):  # one writer per run directory
                 return _train(accelerator, cfg, resume, stop_after, evaluate, stop)
         finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
@@ -198,6 +200,9 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
 
     torch.manual_seed(tc.seed)
     data = build_training_data(cfg)
+    # before anything is built: the data must hold one global batch (the latent store's size is known now)
+    order = ResumableBatchOrder(data.num_examples, tc.global_batch, tc.seed, accelerator.num_processes,
+                                accelerator.process_index, tc.grad_accum)
     model = create_model(cfg.model)
     if (data.channels, data.size) != (model.in_channels, model.input_size):
         raise ConfigError(f"the data gives {data.channels}x{data.size}x{data.size} inputs but the model expects "
@@ -236,8 +241,6 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
 
     ema.to(device)
-    order = ResumableBatchOrder(data.num_examples, tc.global_batch, tc.seed, accelerator.num_processes,
-                                accelerator.process_index, tc.grad_accum)
     loader = data.loader(order, start_step, device)
     train_model = torch.compile(model) if tc.compile else model
     train_model, optimizer = accelerator.prepare(train_model, optimizer)
@@ -405,11 +408,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                        skipped_steps=skipped_total, seconds=seconds, metrics=summary)
 
 
+GRID_PER_ROW = 8  # samples per class row of the training grids
+
+
+def _grid_size(num_classes: int) -> int:
+    return min(num_classes, 10) * GRID_PER_ROW
+
+
 @torch.no_grad()
 def _sample_grid(cfg: Config, model: torch.nn.Module, objective, codec, path: Path, device) -> None:
     """A PNG grid with one row per class (at most 10 classes, 8 samples each), sampled with `cfg.sample`."""
-    per_row = 8
-    classes = torch.arange(min(model.num_classes, 10), device=device).repeat_interleave(per_row)
+    classes = torch.arange(min(model.num_classes, 10), device=device).repeat_interleave(GRID_PER_ROW)
     images = sample_images(model, objective, codec, classes, cfg.sample, seed=cfg.train.seed,
                            batch_size=len(classes))
-    save_grid(images, path, nrow=per_row)
+    save_grid(images, path, nrow=GRID_PER_ROW)
