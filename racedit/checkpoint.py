@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from racedit.config import Config, ConfigError, from_yaml_text, to_yaml
+from racedit.fileio import writing
 from racedit.models import create_model
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -56,10 +57,15 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     old = root / f".old-{final.name}-{os.getpid()}"
     try:
-        save_file(_contiguous_cpu(model_state), tmp / "model.safetensors")
-        save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors")
-        torch.save(train_state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(to_yaml(config))
+        # writing(): an I/O error (a full disk) names the file; torch.save to a Python file keeps its errno
+        with writing(final / "model.safetensors"):
+            save_file(_contiguous_cpu(model_state), tmp / "model.safetensors")
+        with writing(final / "ema.safetensors"):
+            save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors")
+        with writing(final / "state.pt"), open(tmp / "state.pt", "wb") as f:
+            torch.save(train_state, f)
+        with writing(final / "config.yaml"):
+            (tmp / "config.yaml").write_text(to_yaml(config))
         if final.exists():
             # Re-saving a step: a directory cannot be replaced in one rename, so `last` names the new copy
             # while the old one moves aside; at every moment `last` or the step directory is complete.

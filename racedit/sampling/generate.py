@@ -20,6 +20,7 @@ from racedit.data.codec import Codec
 from racedit.data.factory import build_codec, training_batches
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
+from racedit.fileio import atomic_path
 from racedit.models import DiT
 from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
 from racedit.seeding import Purpose, seed_for
@@ -114,7 +115,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Write images (n_img, C_img, H_img, W_img) in [-1, 1] as one PNG grid, `nrow` images per row."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
+    with atomic_path(path) as tmp:  # never a half-written PNG under `path` (a full disk names it)
+        save_image((images.clamp(-1, 1) + 1) / 2, str(tmp), nrow=nrow, padding=1, pad_value=1.0, format="png")
     return path
 
 
