@@ -406,13 +406,16 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
     weights on that many training batches (see `load_for_sampling`)."""
     loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device, calibrate_threshold=calibrate_threshold,
                                calibration_batch=calibration_batch, progress=progress)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
-    out.mkdir(parents=True, exist_ok=True)
     model, cfg = loaded.model, loaded.config
+    if not model.config.moe_experts:  # refused before any output: no progress bar, no empty directory
+        raise ValueError(f"{loaded.path} is a dense model ({cfg.model.name}): a routing report needs a MoE model "
+                         "(RaceDiT-*)")
     classes = list(classes) if classes else report_classes(model.num_classes)
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"classes {bad} are outside [0, {model.num_classes})")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
+    out.mkdir(parents=True, exist_ok=True)
     x0, labels, source = reference_inputs(cfg, classes, per_class, seed)
     if x0 is None:
         x0 = torch.zeros(len(labels), model.in_channels, model.input_size, model.input_size)
