@@ -33,6 +33,8 @@ QUIET_HELP = "no progress bars or status lines"
 SET_HELP = "config overrides such as train.steps=100 (repeatable; later ones win)"
 CALIBRATE_HELP = ("Expert Race models: recalibrate the inference threshold of the loaded weights on N training "
                   "batches first (e.g. 100; reads the training data the config names)")
+DEBUG_HELP = ("on an error, print the traceback too (the same as RACEDIT_DEBUG=1); without it an error is one "
+              "line 'error: ...'")
 CALIBRATION_BATCH_HELP = "batch size of --calibrate-threshold (default: the config's train.global_batch)"
 
 
@@ -282,7 +284,12 @@ def _command(sub, name: str, summary: str, details: str = "", command: str | Non
     text = f"{summary[0].upper()}{summary[1:]}. {details}".strip().rstrip(".") + "."
     p = sub.add_parser(name, help=summary, description=text)
     p.set_defaults(command=command or name, parser=p)
+    add_debug(p, default=argparse.SUPPRESS)  # after the subcommand too (train.py passes its flags after it)
     return p
+
+
+def add_debug(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Class-conditional Diffusion Transformers with Expert Race MoE routing: train, "
         "sample, evaluate, convert. `racedit COMMAND --help` shows each command's flags; a flag means the same "
         "thing in every command (--ckpt, --no-ema, --device, --quiet, --out, --seed, --batch-size, --vae, --set).")
+    add_debug(parser)
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
