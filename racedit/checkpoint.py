@@ -41,6 +41,7 @@ from racedit.fileio import (
     read_manifest,
     verify_level,
     write_manifest,
+    writing,
 )
 from racedit.models import create_model
 
@@ -79,13 +80,19 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own earlier attempt (a pid names one writer)
     tmp.mkdir()  # mode 0777 & ~umask
     try:
-        save_file(_contiguous_cpu(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
-        save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors", metadata={"format": FORMAT})
-        torch.save(train_state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(to_yaml(config))
+        # writing(): an I/O error (a full disk) names the file; torch.save to a Python file keeps its errno
+        with writing(final / "model.safetensors"):
+            save_file(_contiguous_cpu(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
+        with writing(final / "ema.safetensors"):
+            save_file(_contiguous_cpu(ema_state), tmp / "ema.safetensors", metadata={"format": FORMAT})
+        with writing(final / "state.pt"), open(tmp / "state.pt", "wb") as f:
+            torch.save(train_state, f)
+        with writing(final / "config.yaml"):
+            (tmp / "config.yaml").write_text(to_yaml(config))
         for name in FILES:
             apply_umask(tmp / name)  # safetensors creates its files 0600
-        write_manifest(tmp, list(FILES), FORMAT)  # last: hashes and fsyncs every file, then itself
+        with writing(final / "manifest.json"):
+            write_manifest(tmp, list(FILES), FORMAT)  # last: hashes and fsyncs every file, then itself
         fsync_dir(tmp)
         if final.exists():
             # Re-saving a step: a directory cannot be replaced in one rename, so `last` names the new copy

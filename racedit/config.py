@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -499,6 +500,61 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def read_config_text(path: str | Path) -> str:
+    """The text of config file `path`; ConfigError if it is missing, a directory or not UTF-8 text. An OSError
+    while reading (permission denied, an I/O error) propagates with the path: racedit.cli reports it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file (e.g. configs/demo.yaml)")
+    if not p.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a YAML config: byte {e.start} is not UTF-8 text (a binary file?)") from None
+
+
+def yaml_error_text(e: yaml.YAMLError, where: str, text: str | None = None) -> str:
+    """A PyYAML error as one line: `where:LINE:COLUMN: problem (context that starts at L:C)`, counted from 1 as an
+    editor does. `text`, if given, lets a tab that YAML refuses be named as one."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML refuses: only its offset is known
+        line = (text or "").count("\n", 0, e.position) + 1
+        column = e.position - (text or "").rfind("\n", 0, e.position)
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return f"{where}:{line}:{column}: {e.reason} (character U+{code:04X})"
+    if not isinstance(e, yaml.MarkedYAMLError) or mark is None:
+        return f"{where}: not valid YAML: {' '.join(str(e).split())}"
+    problem = e.problem or "not valid YAML"
+    if text is not None and text[mark.index:mark.index + 1] == "\t":
+        problem += " (a tab: YAML indents with spaces)"
+    context = ""
+    if e.context:
+        cm = e.context_mark
+        elsewhere = cm is not None and (cm.line, cm.column) != (mark.line, mark.column)
+        context = f" ({e.context}{f' that starts at {cm.line + 1}:{cm.column + 1}' if elsewhere else ''})"
+    return f"{where}:{mark.line + 1}:{mark.column + 1}: {problem}{context}"
+
+
+def parse_yaml_config(text: str, where: str) -> DictConfig:
+    """A config file's YAML text -> DictConfig; ConfigError (one line, with line and column) if it is not
+    YAML, is empty, or is not a mapping of sections."""
+    try:
+        # syntax, and what the top level is, without building it; libyaml, as OmegaConf, for its clearer messages
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if node is None:
+            what = "is empty" if not text.strip() else "holds no settings (only comments)"
+            raise ConfigError(f"{where} {what}: a config is a mapping of sections {_allowed_keys(Config)}")
+        if not isinstance(node, yaml.MappingNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {node.value!r}"
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: the top level is "
+                              f"{kind}; a config is a mapping of sections {_allowed_keys(Config)}")
+        loaded = OmegaConf.create(text)  # OmegaConf's loader: its float rules; refuses duplicate keys
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_text(e, where, text)) from None
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] | None = None) -> Config:
     """Load YAML onto the defaults, apply the overrides in order, validate, and return a typed `Config`.
 
@@ -507,12 +563,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str | tuple[
     schema = OmegaConf.structured(Config)
     if path is not None:
         where = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # YAML syntax errors
-            raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        loaded = parse_yaml_config(read_config_text(path), where)
         _check_sections(OmegaConf.to_container(loaded), Config, "", where)
         try:
             schema = OmegaConf.merge(schema, loaded)
@@ -563,11 +614,11 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_yaml_text(text: str) -> Config:
-    """Parse a config saved by `to_yaml`, validating it like a user file."""
+def from_yaml_text(text: str, where: str = "saved config") -> Config:
+    """Parse a config saved by `to_yaml`, validating it like a user file; `where` names it in errors."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), parse_yaml_config(text, where))
     except OmegaConfBaseException as e:
-        raise _explain(e, "saved config") from None
+        raise _explain(e, where) from None
     validate(merged)
     return OmegaConf.to_object(merged)

@@ -32,7 +32,7 @@ class NpzImages:
     def __init__(self, path: str | Path, key: str = "arr_0"):
         self.path = Path(path)
         self.key = key
-        with zipfile.ZipFile(self.path) as zf:
+        with open_zip(self.path) as zf:
             if f"{key}.npy" not in zf.namelist():
                 raise NpzError(f"{self.path} has no '{key}' array (keys: {npz_keys(zf)})")
             with zf.open(f"{key}.npy") as f:
@@ -55,12 +55,20 @@ class NpzImages:
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         n = len(self) if limit is None else min(limit, len(self))
         row = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+        with open_zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             read_npy_header(f, self.path)
             for start in range(0, n, batch_size):
                 count = min(batch_size, n - start)
                 buf = bytearray(read_exact(f, count * row, self.path))  # writable, for torch.from_numpy
                 yield np.frombuffer(buf, dtype=np.uint8).reshape(count, *self.shape[1:])
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """`path` opened as a zip archive (an .npz is one); NpzError if it is none (another format, or truncated)."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise NpzError(f"{path} is not an .npz (zip) file ({e}): truncated, or another format") from None
 
 
 def npz_keys(zf: zipfile.ZipFile) -> list[str]:

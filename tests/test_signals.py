@@ -368,7 +368,7 @@ def test_ctrl_c_elsewhere_in_the_cli_is_one_line_and_130(monkeypatch, capsys):
 
     monkeypatch.setitem(commands.COMMANDS, "train", interrupted)
     assert main(["train", "--config", "any.yaml"]) == 130
-    assert capsys.readouterr().err == "interrupted\n"
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
 def test_an_interrupted_ablation_names_the_ablate_command(monkeypatch, capsys):

@@ -3,60 +3,136 @@
 Each command imports what it needs inside its function, on purpose: torch, diffusers and accelerate take
 seconds to import, and `racedit --help` or a mistyped flag should not wait for them.
 
-A user error (a bad config, checkpoint, file or argument: see `user_error`) prints one line `error: ...` on
-stderr and exits with status 2, with no traceback; anything else is a bug and keeps its traceback. A job stopped by
-a signal (`racedit.signals.Interrupted`: train, sample to an npz, extract-latents) prints its one line and
-exits with 128 + the signal number; Ctrl-C anywhere else prints `interrupted` and exits with 130.
+Errors (README, "What happens when things go wrong"): every error prints one line `error: ...` on stderr
+and no traceback (--debug or RACEDIT_DEBUG=1 add it; the exit status stays the same):
+
+  2    your input: racedit's own errors (a bad config, checkpoint, file or value; every exception class that
+       racedit defines, and every ValueError), and a path that names nothing (no such file, not a directory)
+  74   the environment (EX_IOERR): an I/O error such as a full disk, a quota, permission denied, a read-only
+       file system, a failing disk; device out of memory. `racedit train` names its last good checkpoint
+  130  interrupted (Ctrl-C) outside a job's own handling; a job stopped by a signal (train, sample to an
+       npz, extract-latents: `racedit.signals.Interrupted`) prints its own line and exits 128 + N
+  1    a bug in racedit: the traceback is always printed, then one line `internal error: ...`
+
+An exception may choose its own status with an int attribute `exit_code`.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shlex
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from racedit.cli.parser import PROG, parse_args
 from racedit.fileio import verification
 
-# The RuntimeError subclasses that are the user's to fix, by module. Every ValueError is one too: ConfigError,
-# EvaluationError, NpzError, ConversionError, UpcycleError, GridError, ImageFolderError and bad arguments.
-# A class can only have been raised if its module was imported, so they are looked up in sys.modules
-# (importing them here would cost `--help` its speed).
-USER_RUNTIME_ERRORS = (
-    ("racedit.checkpoint", "CheckpointError"),
-    ("racedit.data.latent_store", "LatentStoreError"),
-    ("racedit.sampling.npz_job", "SamplingError"),
-    ("racedit.training.loop", "TrainingDiverged"),
-    ("racedit.runlock", "LockHeld"),
-    ("racedit.outputs", "OutputExists"),
-)
+EXIT_USER, EXIT_IO, EXIT_BUG, EXIT_INTERRUPTED = 2, 74, 1, 130
+# a path that names nothing, or the wrong kind of thing: the user's to fix (exit 2), not the environment's
+INPUT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                          errno.ELOOP})
+MAX_LINE = 500  # characters of a reported message; --debug shows the whole exception
 
 Command = Callable[..., int | None]
 COMMANDS: dict[str, Command] = {}
-EXTRA_USER_ERRORS: dict[str, tuple[type[BaseException], ...]] = {}
 
 
-def command(name: str, user_errors: tuple[type[BaseException], ...] = ()):
-    """Register a subcommand's function; `user_errors`: further exceptions that it reports as user errors."""
+def command(name: str):
+    """Register a subcommand's function."""
 
     def register(fn: Command) -> Command:
         COMMANDS[name] = fn
-        EXTRA_USER_ERRORS[name] = user_errors
         return fn
 
     return register
 
 
-def user_error(e: BaseException, name: str) -> bool:
-    """Whether `e`, raised by subcommand `name`, is the user's to fix (then it is printed as one line)."""
-    if isinstance(e, (ValueError, *EXTRA_USER_ERRORS.get(name, ()))):
-        return True
-    return any(isinstance(e, getattr(sys.modules[m], cls)) for m, cls in USER_RUNTIME_ERRORS if m in sys.modules)
+def debug_requested(args=None) -> bool:
+    """--debug (before or after the subcommand) or RACEDIT_DEBUG set to anything but '', 0, false, no, off."""
+    env = os.environ.get("RACEDIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env or bool(getattr(args, "debug", False))
+
+
+def one_line(text: str) -> str:
+    """A message on one line: its lines joined by '; ' (after a line ending in ':', by a space), at most MAX_LINE
+    characters."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out if len(out) <= MAX_LINE else out[:MAX_LINE - 40].rstrip() + " ... (the rest: rerun with --debug)"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("torch")
+
+
+def classify(e: BaseException) -> tuple[int, str]:
+    """(exit status, the one line without 'error: ') of exception `e` that a subcommand raised."""
+    from racedit.fileio import os_error_text
+
+    code = getattr(e, "exit_code", None)
+    if isinstance(e, OSError):  # from the OS (an errno), or a library's "cannot load X" (none: the input's fault)
+        text = one_line(os_error_text(e))
+        environment = (e.errno and e.errno not in INPUT_ERRNOS) or text.startswith("a short write")
+        return (code if isinstance(code, int) else EXIT_IO if environment else EXIT_USER), text
+    if is_out_of_memory(e):  # torch's message: what was asked and what is free first, then advice on a page
+        said = " ".join(re.split(r"(?<=\.)\s+", one_line(e).split("; ")[0])[:3])
+        return EXIT_IO, (f"out of device memory ({said}); lower --batch-size or train.global_batch "
+                         "(train.grad_accum keeps the batch)")
+    if isinstance(e, ValueError) or type(e).__module__.startswith("racedit"):
+        return (code if isinstance(code, int) else EXIT_USER), one_line(e)
+    return EXIT_BUG, f"{type(e).__name__}: {one_line(e)}"
+
+
+def last_good_checkpoint(args) -> str:
+    """For `racedit train`: '; last good checkpoint: PATH ...' (or that there is none yet), else ''."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:
+        return ""
+    try:
+        from racedit.checkpoint import newest_verified_checkpoint
+
+        root = Path(run_dir) / "checkpoints"
+        found = newest_verified_checkpoint(root)[0]  # one that verifies, so the advice holds
+    except Exception:  # the report itself must not fail: the checkpoint is then not named
+        return ""
+    if found is not None:
+        return f"; last good checkpoint: {found} (continue with --resume)"
+    return f"; no checkpoint saved yet in {root}" if root.is_dir() else ""
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open (their last state stays on screen), so that the error line
+    starts a line of its own and is the last one: a bar left open would redraw itself after it."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def report(e: BaseException, args) -> int:
+    """Print exception `e` of the subcommand `args` ran as one line (and its traceback where asked or a bug);
+    return the exit status."""
+    code, text = classify(e)
+    close_progress_bars()
+    if code == EXIT_BUG or debug_requested(args):
+        traceback.print_exception(e)
+    if code != EXIT_USER:
+        text += last_good_checkpoint(args)
+    if code == EXIT_BUG:
+        print(f"internal error: {text}. This is a bug in racedit, not in your input: please report it with the "
+              "traceback above", file=sys.stderr)
+    else:
+        print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`racedit SUBCOMMAND [flags]` (argv default: sys.argv[1:]); returns the exit status."""
+    """`racedit [--debug] SUBCOMMAND [flags]` (argv default: sys.argv[1:]); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
@@ -64,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         with verification(not getattr(args, "no_verify", False)):  # --no-verify: RACEDIT_VERIFY=0 for the command
             return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt as e:  # racedit.signals.Interrupted: a job that stopped at a safe point
+        close_progress_bars()
+        if debug_requested(args):
+            traceback.print_exception(e)
         if getattr(e, "show", True):
-            print(str(e) or "interrupted", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+            print(str(e) or f"error: interrupted (Ctrl-C){last_good_checkpoint(args)}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
     except Exception as e:
-        if not user_error(e, args.command):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, args)
 
 
 def default_device(device: str | None) -> str:
@@ -93,6 +169,7 @@ def run_train(args) -> int:
     from racedit.training.loop import train
 
     cfg = load_config(args.config, [*args.overrides, *args.set])
+    args.run_dir = cfg.train.out_dir  # an error report names the last good checkpoint under it
     result = train(cfg, resume=args.ckpt or args.resume, evaluate=evaluate_digits_model)
     if not PartialState().is_main_process:  # one summary line per run, not per process
         return 0
@@ -263,7 +340,7 @@ def run_ablate(args) -> int:
 # --- data and interop -------------------------------------------------------------------------------------
 
 
-@command("extract-latents", user_errors=(OSError,))  # OSError: an unreadable image root or VAE directory
+@command("extract-latents")
 def run_extract_latents(args) -> int:
     from racedit.data.latent_extract import extract_latents
 
@@ -274,10 +351,7 @@ def run_extract_latents(args) -> int:
     return 0
 
 
-CONVERT_ERRORS = (OSError,)  # a VAE directory that is none
-
-
-@command("convert from-dit", user_errors=CONVERT_ERRORS)
+@command("convert from-dit")
 def run_convert_from_dit(args) -> int:
     from racedit.interop import DEFAULT_VAE, convert_dit_file
 
@@ -285,21 +359,21 @@ def run_convert_from_dit(args) -> int:
                                    num_heads=args.num_heads))
 
 
-@command("convert from-diffusers", user_errors=CONVERT_ERRORS)
+@command("convert from-diffusers")
 def run_convert_from_diffusers(args) -> int:
     from racedit.interop import convert_diffusers_dir
 
     return _wrote(convert_diffusers_dir(args.path, args.out, vae=args.vae))
 
 
-@command("convert to-diffusers", user_errors=CONVERT_ERRORS)
+@command("convert to-diffusers")
 def run_convert_to_diffusers(args) -> int:
     from racedit.interop import export_diffusers
 
     return _wrote(export_diffusers(args.ckpt, args.out, vae=args.vae, use_ema=not args.no_ema))
 
 
-@command("convert upcycle", user_errors=CONVERT_ERRORS)
+@command("convert upcycle")
 def run_convert_upcycle(args) -> int:
     from racedit.interop import parse_model_overrides, upcycle_checkpoint
 

@@ -46,6 +46,8 @@ CALIBRATE_HELP = ("Expert Race models: recalibrate the inference threshold of th
                   "batches first (e.g. 100; reads the training data the config names)")
 NO_VERIFY_HELP = ("skip the integrity check of what is read: the sizes and SHA-256 in each checkpoint's "
                   "manifest.json, and the digests of sample batches (the same as RACEDIT_VERIFY=0)")
+DEBUG_HELP = ("on an error, print the traceback too (the same as RACEDIT_DEBUG=1); without it an error is one "
+              "line 'error: ...'")
 CALIBRATION_BATCH_HELP = "batch size of --calibrate-threshold (default: the config's train.global_batch)"
 OVERWRITE_HELP = "replace existing outputs that racedit did not write for this same job (default: refuse them)"
 
@@ -348,7 +350,12 @@ def _command(sub, name: str, summary: str, details: str = "", command: str | Non
     text = f"{summary[0].upper()}{summary[1:]}. {details}".strip().rstrip(".") + "."
     p = sub.add_parser(name, help=summary, description=text)  # a Parser, as its parent
     p.set_defaults(command=command or name, parser=p)
+    add_debug(p, default=argparse.SUPPRESS)  # after the subcommand too (train.py passes its flags after it)
     return p
+
+
+def add_debug(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Class-conditional Diffusion Transformers with Expert Race MoE routing: train, "
         "sample, evaluate, convert. `racedit COMMAND --help` shows each command's flags; a flag means the same "
         "thing in every command (--ckpt, --no-ema, --device, --quiet, --out, --seed, --batch-size, --vae, --set).")
+    add_debug(parser)
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

@@ -431,12 +431,15 @@ def routing_report(ckpt: str | Path, out_dir: str | Path | None = None, *, times
     into it anyway (files of the report's names are replaced, others kept)."""
     loaded = load_for_sampling(ckpt, use_ema=use_ema, device=device, calibrate_threshold=calibrate_threshold,
                                calibration_batch=calibration_batch, progress=progress)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
     model, cfg = loaded.model, loaded.config
+    if not model.config.moe_experts:  # refused before any output: no progress bar, no empty directory
+        raise ValueError(f"{loaded.path} is a dense model ({cfg.model.name}): a routing report needs a MoE model "
+                         "(RaceDiT-*)")
     classes = list(classes) if classes else report_classes(model.num_classes)
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"classes {bad} are outside [0, {model.num_classes})")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.path)
     job = {"format": REPORT_FORMAT, "checkpoint": str(loaded.path.resolve()), "weights": loaded.weights,
            "timesteps": timesteps, "classes": classes, "per_class": per_class, "seed": seed,
            "calibrate_threshold": calibrate_threshold, "calibration_batch": calibration_batch}

@@ -70,7 +70,9 @@ def load_dit_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ConversionError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
     try:
-        with _allow_namespace():
+        with _allow_namespace(), warnings.catch_warnings():
+            # torch's note on a pickle protocol other than 2 is noise: the load either works or is refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code-carrying pickles; RuntimeError for damaged files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -14,7 +14,7 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker, get_av
 from accelerate.utils import LoggerType
 
 from racedit.config import ConfigError, log_with_names
-from racedit.fileio import atomic_path
+from racedit.fileio import atomic_path, writing
 
 
 def trackers(log_with: Any, out_dir: str | Path) -> list | None:
@@ -91,7 +91,7 @@ class MetricsLogger:
             self.fields += new
             self._rewrite()
         else:
-            with self.path.open("a", newline="") as f:
+            with writing(self.path), self.path.open("a", newline="") as f:  # a full disk names the file
                 csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         if self.accelerator is not None:
             self.accelerator.log(values, step=step)

@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from racedit.config import Config, ConfigError, load_config, parse_override
+from racedit.config import Config, ConfigError, load_config, parse_override, yaml_error_text
 from racedit.models import count_macs, count_params, create_model, resolve_model_config
 from racedit.models.routing import group_layout
 
@@ -285,10 +285,11 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file not found: {path}")
+    text = path.read_text()
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise GridError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise GridError(yaml_error_text(e, str(path), text)) from None
     return parse_grid(spec, path)
 
 
