@@ -251,9 +251,10 @@ def verify_checkpoint(ckpt: str | Path, names: tuple[str, ...] | list[str] = FIL
         return
     other, _ = newest_verified_checkpoint(ckpt.parent, exclude=ckpt) if step_of(ckpt) is not None else (None, [])
     if other is not None:
-        advice = f"the newest checkpoint beside it that verifies is {other}: pass --ckpt {other}, or delete {ckpt}"
+        # names, not paths: the line stays short, and both directories are the one named first
+        advice = f"the newest checkpoint beside it that verifies is {other.name}: pass --ckpt with it, or delete this one"
     else:
-        advice = f"no checkpoint beside it verifies: restore {ckpt} from a copy, or delete it"
+        advice = "no checkpoint beside it verifies: restore it from a copy, or delete it"
     if problem.startswith(MANIFEST):
         advice += "; to load its files unchecked, pass --no-verify (RACEDIT_VERIFY=0)"
     raise CheckpointError(f"{ckpt}/{problem}; {advice}")

@@ -172,7 +172,7 @@ def test_a_damaged_checkpoint_file_is_refused_naming_it(capsys, run, reader, nam
     argv, _ = READERS[reader]
     line = assert_refused(capsys, run, argv(run, ckpt), ckpt / name)
     # what to do: the newest checkpoint beside it that verifies
-    assert f"verifies is {step(run, 4)}" in line and "delete" in line
+    assert f"verifies is {step(run, 4).name}:" in line and "delete" in line
 
 
 @pytest.mark.parametrize("reader", ["resume", "sample", "upcycle"])
