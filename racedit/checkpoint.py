@@ -125,7 +125,11 @@ def _point_last(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    steps = sorted((s, p) for p in root.iterdir() if (s := step_of(p)) is not None and p.is_dir())
+    # only steps up to the one just saved count: a later one (left by a run that was resumed from an earlier,
+    # e.g. because the later one is damaged) must not push out the good checkpoints it was resumed from
+    upto = step_of(keep)
+    steps = sorted((s, p) for p in root.iterdir()
+                   if (s := step_of(p)) is not None and p.is_dir() and (upto is None or s <= upto))
     for _, path in steps[:-max(keep_last, 1)]:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)

@@ -85,3 +85,31 @@ def describe(spec: str, is_float: bool = True) -> str:
     if spec == "finite":
         return "a finite number"
     return ("a finite number " if is_float else "") + (f"in {spec}" if spec[0] in "[(" else spec)
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what would be accepted."""
+
+
+# The samplers of each objective (racedit.diffusion.samplers); `validate` checks the pairing.
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim", "dpm_solver"), "flow": ("euler", "heun")}
+
+# Allowed values of the string-valued options, checked at load time.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.routing": ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race"),
+    "model.gating": ("identity", "sigmoid", "softmax"),
+    "model.race_scope": ("local", "global"),
+    "model.inference_routing": ("threshold", "topk"),
+    "model.connections": ("residual", "hyper", "frac"),
+    "model.memory": ("none", "pkm", "ultramem", "ultramemv2"),
+    "diffusion.objective": ("ddpm", "flow"),
+    "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
+    "data.kind": ("digits", "latents"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
+}
+
+
+def range_error(key: str, value: Any, spec: str, is_float: bool = True) -> ConfigError:
+    """The one-line error of a number outside its range: the key, the value, what is allowed."""
+    return ConfigError(f"bad value for '{key}': {value!r}. Must be {describe(spec, is_float)}")

@@ -121,6 +121,14 @@ def foreign_png(run: Path):
     return sample_argv(run), "g.png"
 
 
+def damaged_latent_manifest(run: Path):
+    (run / "latents").mkdir()
+    (run / "latents" / "manifest.json").write_text('{"format": "racedit-lat')  # cut short
+    return train_argv(run, "data.kind=latents", f"data.latents={run / 'latents'}", "model.in_channels=4",
+                      "model.input_size=8", "model.num_classes=3", f"train.out_dir={run / 'latent-run'}"), \
+        str(run / "latents" / "manifest.json")
+
+
 def missing_latents(run: Path):
     (run / "latents").mkdir()
     return train_argv(run, "data.kind=latents", f"data.latents={run / 'latents'}", "model.in_channels=4",
@@ -136,6 +144,7 @@ CASES = [
     Case("config.yaml replaced by a pickle, sample", damaged("config.yaml", pickled, "sample")),
     Case("npz truncated, fid", truncated_npz),
     Case("latent directory without a manifest, train", missing_latents),
+    Case("latent manifest cut short, train", damaged_latent_manifest),
     # bad values: config keys, flags, YAML
     Case("train.lr=nan", bad_set("train.lr", "nan")),
     Case("train.log_every=0", bad_set("train.log_every", "0")),

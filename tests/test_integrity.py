@@ -425,3 +425,17 @@ def test_verification_errors_are_checkpoint_errors(run):
     truncated(step(run, 8) / "config.yaml")
     with pytest.raises(CheckpointError, match="config.yaml has"):
         checkpoint_mod.load_config_of(step(run, 8))
+
+
+def test_pruning_counts_only_the_steps_up_to_the_one_saved(tiny_config, tmp_path):
+    """A resume from step 4 past a later (say damaged) step 8: the save at step 6 keeps step 4 and leaves step 8,
+    so the good checkpoints the run came from are not pushed out by the one it skipped."""
+    cfg = tiny_config()
+    root = tmp_path / "checkpoints"
+    state = {"w": torch.zeros(2)}
+    for s in (4, 8, 6):
+        save_checkpoint(root, s, model_state=state, ema_state=state, train_state={"step": s}, config=cfg,
+                        keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000004", "step_0000006", "step_0000008"]
+    save_checkpoint(root, 7, model_state=state, ema_state=state, train_state={"step": 7}, config=cfg, keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000006", "step_0000007", "step_0000008"]

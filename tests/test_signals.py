@@ -223,6 +223,22 @@ def test_a_second_sigint_exits_at_once_without_saving(tiny_config, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_run_started_from_another_checkpoint_and_stopped_before_its_first_save_names_that_checkpoint(
+        tiny_config, tmp_path, monkeypatch):
+    """Fine-tuning or resuming from a checkpoint of another run directory (--ckpt) and stopped before this
+    run's first save: `--resume` here would start afresh, so the printed command continues from the checkpoint."""
+    base = tiny_config("train.steps=4", out_dir=tmp_path / "base")
+    train(base)
+    source = Path(base.train.out_dir) / "checkpoints" / "step_0000004"
+    losses_signalling(monkeypatch, 2, signal.SIGINT, signal.SIGINT)  # a second SIGINT: no save
+    cfg = tiny_config("train.steps=8", out_dir=tmp_path / "new")
+    with pytest.raises(Interrupted) as info:
+        train(cfg, resume=str(source))
+    assert not any((Path(cfg.train.out_dir) / "checkpoints").glob("step_*"))
+    assert str(info.value).endswith(f"resume with: racedit train --config {tmp_path / 'new' / 'config.yaml'} "
+                                    f"--ckpt {source}")
+
+
 def test_stop_signals_record_once_ignore_repeats_and_restore():
     got = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: got.append("outside"))

@@ -38,6 +38,7 @@ from racedit.data.latent_store import (
 )
 from racedit.fileio import atomic_write_text, sha256_of
 from racedit.outputs import check_output_dir
+from racedit.runlock import lock_on_main
 from racedit.signals import Interrupted, StopSignals, ignore_stop_signals
 
 VAE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,10 +124,29 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
     `PartialState` (created when None); work is shared among its processes. on_shard_done(i) is called
     after shard i is written (tests use it to simulate a crash). An existing `out` must hold a latent store
     only (re-running the same command resumes it), else OutputExists; `overwrite`: write into it anyway
-    (never over shards of other settings, which are refused). SIGINT, SIGTERM and SIGUSR1
+    (never over shards of other settings, which are refused). `out` has one writer at a time
+    (`racedit.runlock`, main process). SIGINT, SIGTERM and SIGUSR1
     (`racedit.signals`) stop it before the next batch, dropping the shard in progress: `Interrupted`.
     Skipped files are named in a log line each and in the manifest; the main process prints a summary.
     """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # like Accelerator, honour ACCELERATE_USE_CPU (CPU-only multi-process runs: gloo instead of no DDP at all)
+    state = state or PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with lock_on_main(state, out, "--out"):  # two extractions into one store would remove each other's shards
+        return _extract_latents(data, vae, out, image_size=image_size, batch_size=batch_size, shard_size=shard_size,
+                                num_workers=num_workers, store_dtype=store_dtype, vae_dtype=vae_dtype,
+                                verify_checksums=verify_checksums, state=state, progress=progress,
+                                on_shard_done=on_shard_done, overwrite=overwrite)
+
+
+def _extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_size: int = 256,
+                    batch_size: int = 32, shard_size: int = 20_000, num_workers: int | None = None,
+                    store_dtype: str = "float16", vae_dtype: str = "fp32", verify_checksums: bool = False,
+                    state=None, progress: bool = True,
+                    on_shard_done: Callable[[int], None] | None = None, overwrite: bool = False) -> ExtractResult:
+    """`extract_latents` under the lock of `out`."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -152,8 +172,11 @@ def extract_latents(data: str | Path, vae: str | Path, out: str | Path, image_si
         num_workers = min(8, max(1, (os.cpu_count() or 1) // state.num_processes))
 
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+    try:  # a damaged manifest says nothing: the shards are checked one by one, and it is written anew at the end
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    except ValueError:
+        old = None
+    if isinstance(old, dict):
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise LatentStoreError(f"{out} already holds latents made with other settings {diff} "

@@ -54,9 +54,14 @@ def read_manifest(root: str | Path) -> dict:
                                    f"racedit extract-latents command to complete it (finished shards are kept)")
         raise LatentStoreError(f"{root} is not a latent directory (no {MANIFEST}); make one with "
                                f"racedit extract-latents --data IMAGE_ROOT --vae VAE --out {root}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise LatentStoreError(f"{path}: format {manifest.get('format')!r}, this racedit reads {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:  # truncated or edited: the store cannot be trusted to say what it holds
+        raise LatentStoreError(f"{path} is damaged ({type(e).__name__}: {e}); re-run the racedit extract-latents "
+                               f"command that made {root} (finished shards that verify are kept)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise LatentStoreError(f"{path}: format {found!r}, this racedit reads {FORMAT!r}")
     return manifest
 
 

@@ -280,7 +280,12 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
             signum, by = signal.SIGINT, "a second SIGINT"
         else:  # a process that got no signal stops with the others
             signum, by = stop.signum or signal.SIGTERM, stop.name or "a signal to another process"
-        return Interrupted(signum, f"interrupted by {by} {what}", resume_cmd, show=is_main)
+        command = resume_cmd
+        if last_good is not None and latest_checkpoint(ckpt_root) is None:
+            # started from a checkpoint elsewhere (--ckpt) and stopped before its own first save: --resume here
+            # would start afresh, so the command names the checkpoint to continue from
+            command = command.replace(" --resume", f" --ckpt {shlex.quote(str(last_good))}")
+        return Interrupted(signum, f"interrupted by {by} {what}", command, show=is_main)
 
     window: dict[str, list[float]] = {}
     consecutive_bad, last_loss = 0, float("nan")
@@ -392,7 +397,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         if ckpt is None or step > start_step or ckpt.parent != ckpt_root.resolve():
             last_good = save(step) or last_good
         accelerator.wait_for_everyone()
-        if is_main and not stop.requested:
+        if is_main and not stopping:  # the agreed stop, the same on every process
             with stop.abandon_on_signal():
                 grid = out_dir / "samples" / f"step_{step:07d}.png"
                 _sample_grid(cfg, ema.module, objective, codec, grid, device)
@@ -400,7 +405,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                 if evaluate is not None and tc.eval_samples_per_class and cfg.data.kind == "digits":
                     summary.update(evaluate(cfg, ema.module, objective, device))
                     logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
-        if stop.requested:  # the model is complete; what the end of the run makes comes on a resume
+        if stopping or stop.requested:  # the model is complete; what the end of the run makes comes on a resume
             raise interrupted(f"after the last step ({step}): saved {last_good}; the end-of-run sample grid "
                               f"and evaluation were not made")
     seconds = time.perf_counter() - t0
