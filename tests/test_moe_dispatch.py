@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from racedit.models.moe import Experts, MoEFeedForward, dispatch, dispatch_reference, dispatch_static
@@ -190,7 +191,7 @@ def test_static_path_traces_as_one_graph_without_recompiling(implementation, dty
 
     def keep(gm, example_inputs):  # AOTAutograd's forward and backward graphs, run as they are (eager kernels)
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm.forward)
 
     joint = aot_autograd(fw_compiler=keep, bw_compiler=keep)
 
