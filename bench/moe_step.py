@@ -5,7 +5,10 @@
 
 One run prints markdown tables. Train step = forward (with a ForwardRecord, as in training) + backward +
 AdamW step + the inference thresholds' update. Models are timed in interleaved rounds (dense, MoE, MoE,
-dense, ...) so a change in machine load hits every model alike; the tables give medians. Peak memory is
+dense, ...) so a change in machine load hits every model alike; the tables give medians. A second train-step
+table and the layer table time each MoE model with each dispatch kernel, "[fused_loop]" (the eager CPU default,
+per-expert loop on host-read counts) against "[grouped_mm]" (the static path: no host reads, torch's grouped
+matmul), side by side. Peak memory is
 the peak resident set of a fresh subprocess running two train steps of one model (CPU), or
 torch.cuda.max_memory_allocated (GPU). When CUDA is available, a second table gives bf16-autocast
 images/s of DiT-B/2 against RaceDiT-B/2-4in32.
@@ -48,10 +51,23 @@ CONNECTION_TABLES = tuple(tuple([base] + [f"{base} + {opt}" for opt in CONNECTIO
                           for base in ("DiT-S/2", "RaceDiT-S/2-2in8"))
 
 
+# Dispatch kernels compared side by side (racedit/models/moe_dispatch.py): the fused per-expert loop (host-read
+# counts) against the static path (no host reads) with torch's grouped matmul.
+DISPATCH_KERNELS = ("fused_loop", "grouped_mm")
+DISPATCH_MODELS = tuple(f"{name} [{kernel}]" for name in CPU_MODELS[1:] for kernel in DISPATCH_KERNELS)
+
+
 def build(name: str) -> torch.nn.Module:
-    """A preset, optionally with a residual-stream option: "RaceDiT-S/2-2in8 + SHCx2"."""
+    """A preset, optionally with a residual-stream option and a dispatch kernel: "RaceDiT-S/2-2in8 + SHCx2",
+    "RaceDiT-S/2-2in8 [grouped_mm]"."""
+    name, _, kernel = name.partition("[")
     preset, _, option = (part.strip() for part in name.partition("+"))
-    return create_model(preset, **CONNECTIONS[option]) if option else create_model(preset)
+    model = create_model(preset, **CONNECTIONS[option]) if option else create_model(preset)
+    if kernel:
+        for layer in model.modules():
+            if isinstance(layer, MoEFeedForward):
+                layer.dispatch_implementation = kernel.rstrip("]").strip()
+    return model
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -216,7 +232,10 @@ def layer_table(args, device: torch.device) -> None:
     torch.manual_seed(0)
     layers = {"dense MLP (D=384, h=1536)": FeedForward(dim, 4 * dim)}
     for k, experts in ((2, 8), (4, 32)):
-        layers[f"MoE {k}in{experts} (expert_race)"] = MoEFeedForward(dim, experts, k, target_dim=16)
+        for kernel in DISPATCH_KERNELS:
+            layer = MoEFeedForward(dim, experts, k, target_dim=16)
+            layer.dispatch_implementation = kernel
+            layers[f"MoE {k}in{experts} (expert_race) [{kernel}]"] = layer
     steps = {name: LayerStep(layer, args.batch, tokens, dim, device) for name, layer in layers.items()}
     times = timed_rounds(steps, args.warmup, args.iters * 2, device)
     print_layer_table(f"Feed-forward layer alone (fwd + bwd), u = ({args.batch}, {tokens}, {dim}), {device.type}",
@@ -259,6 +278,7 @@ def main() -> None:
     if not args.only_connections:
         layer_table(args, cpu)
         model_table(CPU_MODELS, args, cpu, bf16=False)
+        model_table(CPU_MODELS[:1] + DISPATCH_MODELS, args, cpu, bf16=False)
     if args.connections or args.only_connections:
         for names in CONNECTION_TABLES:  # the "/ dense" column is then the overhead over the residual model
             model_table(names, args, cpu, bf16=False)

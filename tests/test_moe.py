@@ -53,7 +53,7 @@ def test_fast_dispatch_equals_reference_float64(strategy, gating):
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "fused_loop"])
 def test_both_fast_paths_equal_reference_float32(implementation):
-    if implementation == "grouped_mm" and not moe.grouped_mm_supported(torch.device("cpu"), torch.float32, 16, 32):
+    if implementation == "grouped_mm" and not moe.grouped_mm_supported("cpu", torch.float32, 16, 32):
         pytest.skip("this torch build has no CPU float32 grouped matmul")
     x, logits, scores, mask, experts = routed_inputs("expert_race", "identity", torch.float32)
     mask[:3] = False  # tokens without experts

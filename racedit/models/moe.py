@@ -23,6 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from racedit.models.moe_dispatch import (  # noqa: F401  (re-exported: the layer's dispatch API)
+    IMPLEMENTATIONS,
+    compute_dtype,
+    dispatch,
+    dispatch_static,
+    grouped_mm_supported,
+)
 from racedit.models.records import ForwardRecord, MoELayerRecord
 from racedit.models.routing import (
     BATCH_COUPLED,
@@ -34,44 +41,9 @@ from racedit.models.routing import (
     grouped_topk_global,
     threshold_mask,
     update_threshold_,
+    world_size,
 )
 from racedit.presets import check_k_in_e
-
-# (device type, dtype, D, h) -> whether torch's grouped matmul runs forward and backward there.
-_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype, int, int], bool] = {}
-
-
-def _grouped_mm_fn():
-    fn = getattr(F, "grouped_mm", None)
-    return fn if fn is not None else getattr(torch, "_grouped_mm", None)
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
-    """Whether the grouped matmul works (forward and backward, with an empty group) for these operands.
-
-    Probed once per (device type, dtype, D, h) on tiny inputs and cached; alignment rules of the kernels
-    depend on the row sizes, hence D and h in the key.
-    """
-    key = (device.type, dtype, dim, hidden)
-    if key not in _GROUPED_MM_SUPPORT:
-        fn = _grouped_mm_fn()
-        ok = fn is not None
-        if ok:
-            try:
-                # The probe needs autograd even when the caller runs under no_grad or inference_mode, and
-                # uses constant inputs so it leaves the random number generators untouched.
-                with torch.inference_mode(False), torch.enable_grad():
-                    a = torch.full((4, dim), 0.5, device=device, dtype=dtype, requires_grad=True)
-                    w1 = torch.full((3, dim, hidden), 0.01, device=device, dtype=dtype, requires_grad=True)
-                    w2 = torch.full((3, hidden, dim), 0.01, device=device, dtype=dtype, requires_grad=True)
-                    offs = torch.tensor([1, 1, 4], device=device, dtype=torch.int32)
-                    out = fn(fn(a, w1, offs=offs), w2, offs=offs)
-                    out.backward(torch.ones_like(out))
-                    ok = out.shape == (4, dim) and bool(torch.isfinite(a.grad).all())
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        _GROUPED_MM_SUPPORT[key] = ok
-    return _GROUPED_MM_SUPPORT[key]
 
 
 class Experts(nn.Module):
@@ -101,135 +73,6 @@ class Experts(nn.Module):
         """Expert e on its tokens: (n, D) -> (n, D)."""
         w1, b1, w2, b2 = (p.to(x.dtype) for p in (self.w1[e], self.b1[e], self.w2[e], self.b2[e]))
         return torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1), approximate="tanh"), w2)
-
-
-class _FusedExpertLoop(torch.autograd.Function):
-    """Gather, the k-in-E experts, gate weighting and combine as one autograd node with a hand-written backward.
-
-    Rows are expert-sorted, so each expert's rows are one contiguous slice. Per expert only the matmuls
-    run in the loop (in place into preallocated (n_sel, h) / (n_sel, D) buffers that start as the gathered biases);
-    bias gradients are one `index_add_` each. Compared with composing autograd ops per expert this saves
-    the concatenations, the split/stack of the backward and most per-expert kernel launches (each one an
-    OpenMP region on CPU, which is what costs most when the cores are shared), and writes the weight
-    gradients straight into (E, D, h) / (E, h, D).
-    """
-
-    @staticmethod
-    def forward(ctx, x, token_index, expert_index, weights, w1, b1, w2, b2, counts):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            rows = x.index_select(0, token_index)
-            segments, start = [], 0
-            for e, n in enumerate(counts):
-                if n:
-                    segments.append((e, start, start + n))
-                    start += n
-            pre = b1.index_select(0, expert_index)
-            for e, lo, hi in segments:
-                pre[lo:hi].addmm_(rows[lo:hi], w1[e])
-            act = F.gelu(pre, approximate="tanh")
-            y = b2.index_select(0, expert_index)
-            for e, lo, hi in segments:
-                y[lo:hi].addmm_(act[lo:hi], w2[e])
-            out = x.new_zeros(x.shape).index_add_(0, token_index, y * weights.unsqueeze(1))
-        ctx.segments = segments
-        ctx.save_for_backward(rows, pre, act, y, token_index, expert_index, weights, w1, w2)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        rows, pre, act, y, token_index, expert_index, weights, w1, w2 = ctx.saved_tensors
-        segments = ctx.segments
-        E, D, h = w1.shape
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            grad_y = grad_out.index_select(0, token_index)
-            grad_weights = torch.linalg.vecdot(grad_y, y) if ctx.needs_input_grad[3] else None
-            grad_y.mul_(weights.unsqueeze(1))
-            grad_w1, grad_w2 = _zeros_for_idle(w1, segments), _zeros_for_idle(w2, segments)
-            grad_b2 = grad_y.new_zeros(E, D).index_add_(0, expert_index, grad_y)
-            grad_act = torch.empty_like(act)
-            for e, lo, hi in segments:
-                torch.mm(act[lo:hi].t(), grad_y[lo:hi], out=grad_w2[e])
-                torch.mm(grad_y[lo:hi], w2[e].t(), out=grad_act[lo:hi])
-            grad_pre = torch.ops.aten.gelu_backward(grad_act, pre, approximate="tanh")
-            del grad_act
-            grad_b1 = grad_pre.new_zeros(E, h).index_add_(0, expert_index, grad_pre)
-            grad_rows = torch.empty_like(rows)
-            for e, lo, hi in segments:
-                torch.mm(rows[lo:hi].t(), grad_pre[lo:hi], out=grad_w1[e])
-                torch.mm(grad_pre[lo:hi], w1[e].t(), out=grad_rows[lo:hi])
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out.new_zeros(grad_out.shape).index_add_(0, token_index, grad_rows)
-        return grad_x, None, None, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None
-
-
-def _zeros_for_idle(like: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
-    """An uninitialised per-expert gradient buffer shaped like `like`, zeroed only for experts with no tokens."""
-    grad = torch.empty_like(like)
-    busy = {e for e, _, _ in segments}
-    for e in range(like.shape[0]):
-        if e not in busy:
-            grad[e].zero_()
-    return grad
-
-
-def _grouped_mm_experts(rows: torch.Tensor, expert_index: torch.Tensor, counts: list[int], w1, b1, w2, b2):
-    """Expert-sorted rows (n_sel, D) through the experts with the grouped matmul (autograd-native) -> (n_sel, D)."""
-    fn = _grouped_mm_fn()
-    ends = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
-    hid = fn(rows, w1, offs=ends) + b1.index_select(0, expert_index)
-    return fn(F.gelu(hid, approximate="tanh"), w2, offs=ends) + b2.index_select(0, expert_index)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-IMPLEMENTATIONS = ("auto", "grouped_mm", "fused_loop")
-
-
-def dispatch(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, experts: Experts,
-             implementation: str = "auto") -> torch.Tensor:
-    """y[i] = sum_e mask[i, e] * scores[i, e] * expert_e(x[i]) for each token i, computed sparsely: (N, D) -> (N, D).
-
-    Selected (token, expert) pairs are listed sorted by expert (one `nonzero` over the expert-major mask),
-    gathered, run through the experts, weighted and combined with one `index_add_`. One host
-    synchronisation: the per-expert counts. Tokens with no expert get zeros. x (N, D), mask (N, E) bool,
-    scores (N, E).
-
-    implementation: "grouped_mm" (torch's grouped matmul, autograd-native), "fused_loop" (`_FusedExpertLoop`)
-    or "auto": grouped_mm on accelerators whose build supports it for the dtype, fused_loop otherwise. On
-    CPU the build's grouped matmul is itself a per-group loop of matmuls; the fused loop measured a few
-    percent faster there (it also handles biases, weighting and combine without extra autograd nodes).
-    """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown dispatch implementation {implementation!r}; allowed: {list(IMPLEMENTATIONS)}")
-    N, D = x.shape
-    E = mask.shape[1]
-    dtype = compute_dtype(x)
-    counts = mask.sum(dim=0).tolist()
-    total = sum(counts)
-    if total == 0:
-        # Keep the graph connected so callers can always backpropagate through the layer.
-        return x.new_zeros(N, D, dtype=dtype) + 0.0 * scores.sum().to(dtype)
-    # nonzero over the (E, N) view lists pairs expert-major, tokens ascending: already sorted by expert.
-    pairs = torch.nonzero_static(mask.t(), size=total)
-    expert_index, token_index = pairs[:, 0], pairs[:, 1]
-    weights = scores.reshape(-1).index_select(0, token_index * E + expert_index).to(dtype)
-    params = [p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2)]
-    if implementation == "auto":
-        grouped = x.device.type != "cpu" and grouped_mm_supported(x.device, dtype, experts.dim, experts.hidden)
-        implementation = "grouped_mm" if grouped else "fused_loop"
-    if implementation == "fused_loop":
-        return _FusedExpertLoop.apply(x.to(dtype), token_index, expert_index, weights, *params, counts)
-    rows = x.to(dtype).index_select(0, token_index)
-    out_rows = _grouped_mm_experts(rows, expert_index, counts, *params) * weights.unsqueeze(1)
-    return x.new_zeros(N, D, dtype=dtype).index_add_(0, token_index, out_rows)
 
 
 def dispatch_reference(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, experts: Experts) -> torch.Tensor:
@@ -361,6 +204,9 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
         self._warned_uninitialized = False
+        # The dispatch kernel (moe_dispatch.IMPLEMENTATIONS); "auto" picks at run time. Not a config key: benchmarks
+        # and tests set it to compare kernels.
+        self.dispatch_implementation = "auto"
         self.initialize_weights()
 
     def _apply(self, fn, recurse=True):
@@ -410,11 +256,22 @@ class MoEFeedForward(nn.Module):
         """
         B, L, D = u.shape
         # the target head only feeds a loss that reads the record: without one it would be wasted compute
-        routing = self.router(u, self.inference_threshold(), predict_target=record is not None)
-        y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts)
+        threshold = self.inference_threshold()
+        routing = self.router(u, threshold, predict_target=record is not None)
+        y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts, self.dispatch_implementation,
+                     num_selected=self.selected_count(B * L, threshold, routing.group))
         if record is not None:
             record.moe[self.layer_index] = routing
         return y.view(B, L, D)
+
+    def selected_count(self, num_tokens: int, threshold: torch.Tensor | None, group) -> int | None:
+        """How many (token, expert) pairs this forward's mask holds when shapes alone say it: num_tokens * k for a
+        top-K selection local to the process (training with race_scope="local" or one rank, eval's top-K rule),
+        every strategy selecting exactly N*k (docs/method/routing.md). None (count it) for the threshold and a
+        selection spanning several ranks, whose counts depend on the data."""
+        if threshold is not None or (group is not None and world_size(group) > 1):
+            return None
+        return num_tokens * self.k
 
     def macs(self, num_tokens: int) -> int:
         """Forward multiply-accumulates for `num_tokens` tokens at the mean k experts per token: router trunk
