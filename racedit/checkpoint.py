@@ -37,13 +37,13 @@ from racedit.fileio import (
     apply_umask,
     file_problem,
     fsync_dir,
-    pid_alive,
     read_manifest,
     verify_level,
     write_manifest,
     writing,
 )
 from racedit.models import create_model
+from racedit.runlock import pid_alive
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")

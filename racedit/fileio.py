@@ -81,19 +81,6 @@ def apply_umask(path: str | Path) -> None:
     os.chmod(path, base & ~current_umask())
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --- verification: the switch, cached digests, manifests ---------------------------------------------------
 
 VERIFY_ENV = "RACEDIT_VERIFY"

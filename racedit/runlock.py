@@ -60,14 +60,23 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def _alive(pid: int, start: int | None) -> bool:
-    """Whether process `pid` of this host runs and is the one that started at `start` (if recorded)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: it exists
-        pass
+        return True
+    return True
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process `pid` of this host runs and is the one that started at `start` (if recorded)."""
+    if not pid_alive(pid):
+        return False
     now = process_start(pid)
     return start is None or now is None or now == start
 
