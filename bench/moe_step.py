@@ -53,7 +53,7 @@ CONNECTION_TABLES = tuple(tuple([base] + [f"{base} + {opt}" for opt in CONNECTIO
 
 # Dispatch kernels compared side by side (racedit/models/moe_dispatch.py): the fused per-expert loop (host-read
 # counts) against the static path (no host reads) with torch's grouped matmul.
-DISPATCH_KERNELS = ("fused_loop", "grouped_mm")
+DISPATCH_KERNELS = ("expert_loop", "grouped_mm")
 DISPATCH_MODELS = tuple(f"{name} [{kernel}]" for name in CPU_MODELS[1:] for kernel in DISPATCH_KERNELS)
 
 

@@ -139,7 +139,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of weights, updated every optimizer step
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model as one graph (racedit.models.compiling)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     seed: int = 0  # global seed (data order, noise, init)
     log_every: int = 50  # steps between metric rows (metrics.csv and the train.log_with trackers)
     # experiment trackers fed through accelerate besides metrics.csv: one of accelerate's tracker names

@@ -106,6 +106,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
     "data.kind": ("digits", "latents"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
 }
 

@@ -158,6 +158,24 @@ def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None)
     return mask[start:start + scores.shape[0]], kth
 
 
+@torch.library.custom_op("racedit::global_topk_mean_kth", mutates_args=())
+def global_topk_mean_kth(scores: torch.Tensor, strategy: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grouped_topk_global` over the default process group -> (mask (B, L, E) bool, mean over the global groups
+    of their K-th largest score () float32).
+
+    A custom op so that torch.compile keeps the collectives and their host reads (the ranks' batch sizes)
+    out of the graph: its outputs have static shapes, and only the dispatch after it sees a data-dependent
+    count.
+    """
+    mask, kth = grouped_topk_global(scores, strategy, k)
+    return mask, kth.float().mean()
+
+
+@global_topk_mean_kth.register_fake
+def _(scores, strategy, k):
+    return torch.empty_like(scores, dtype=torch.bool), scores.new_empty((), dtype=torch.float32)
+
+
 @torch.no_grad()
 def update_threshold_(tau: torch.Tensor, initialized: torch.Tensor, kth_score: torch.Tensor, decay: float) -> None:
     """In place: tau <- kth_score on the first update, else decay * tau + (1 - decay) * kth_score.

@@ -40,6 +40,7 @@ from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.models import count_params, create_model, resolve_model_config
+from racedit.models.compiling import compile_model
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
@@ -242,7 +243,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
 
     ema.to(device)
     loader = data.loader(order, start_step, device)
-    train_model = torch.compile(model) if tc.compile else model
+    train_model = compile_model(model, tc.compile_mode) if tc.compile else model  # in place: train_model is model
     train_model, optimizer = accelerator.prepare(train_model, optimizer)
     randomness = StepRandomness(objective, tc.seed, tc.global_batch, accelerator.num_processes,
                                 accelerator.process_index, tc.grad_accum, model.config.class_dropout_prob,

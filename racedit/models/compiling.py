@@ -1,0 +1,60 @@
+"""`torch.compile` for racedit models: one graph per model (or per block), no graph breaks, no recompiles.
+
+Every family traces whole (`fullgraph=True`): the training selection has N*k pairs known from shapes
+(`racedit.models.moe_dispatch`), the CPU expert kernel and the global race are custom ops the compiler keeps
+opaque, and eval's threshold check runs on the device (`torch.cond`). Two selections have a data-dependent
+number of pairs, the eval threshold (S >= tau) and race_scope="global" (this rank's share); `torch.nonzero`
+sizes their pair lists, which the compiler captures as an unbacked size only with dynamo's
+`capture_dynamic_output_shape_ops`. `compile_model` switches it on (a process-wide dynamo setting), so a
+new count never recompiles; calling `torch.compile` on a racedit model directly needs the same setting.
+
+Letters (docs/method/README.md): B images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+
+from racedit.limits import CHOICES
+from racedit.models.dit import DiT
+
+# torch.compile's modes (torch.compile's documentation); "default" balances compile time and speed.
+COMPILE_MODES = CHOICES["train.compile_mode"]
+COMPILE_UNITS = ("model", "block")
+
+
+def allow_data_dependent_sizes() -> None:
+    """Let dynamo capture ops whose output size depends on the data (`torch.nonzero`) as unbacked sizes."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+
+def compile_model(model: DiT, mode: str = "default", unit: str = "model", backend: str = "inductor",
+                  dynamic: bool | None = None) -> DiT:
+    """Compile `model` in place with `fullgraph=True` (`nn.Module.compile`: the module, its class, its state
+    dict keys stay as they are) and return it. unit="model": one graph for the whole forward (and, in
+    training, its backward); unit="block": one per `DiTBlock`, the embedders and the final layer eager.
+
+    mode: one of COMPILE_MODES. dynamic: torch.compile's; None marks a dimension dynamic only once it
+    changes (for sampling, another batch size B compiles once more, then never again).
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; allowed: {list(COMPILE_MODES)}")
+    if unit not in COMPILE_UNITS:
+        raise ValueError(f"unknown compile unit {unit!r}; allowed: {list(COMPILE_UNITS)}")
+    allow_data_dependent_sizes()
+    options = dict(fullgraph=True, backend=backend, dynamic=dynamic)
+    if backend == "inductor":
+        options["mode"] = mode
+    if unit == "model":
+        model.compile(**options)
+        return model
+    # One code object for all blocks: each block's own constants (its layer index, its routing) are guarded,
+    # so every block is one cache entry of the same frame; make room for all of them.
+    limit = max(torch._dynamo.config.cache_size_limit, 2 * len(model.blocks))
+    torch._dynamo.config.cache_size_limit = limit
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for block in model.blocks:
+        block.compile(**options)
+    return model
