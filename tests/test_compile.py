@@ -41,9 +41,9 @@ FAMILIES = {
     "moe-identity-2in8-hyper-dynamic-pkm": dict(
         name="RaceDiT-S/2-2in8", depth=6, gating="identity", connections="hyper", connections_dynamic=True,
         memory="pkm", memory_blocks=[0], memory_keys=8, memory_topk=4),
-    "moe-sigmoid-2in8-frac-dynamic-ultramem": dict(
+    "moe-sigmoid-2in8-frac-dynamic-ultramem-checkpointed": dict(
         name="RaceDiT-S/2-2in8", depth=6, gating="sigmoid", connections="frac", connections_dynamic=True,
-        memory="ultramem", memory_blocks=[1], memory_keys=8, memory_topk=4),
+        memory="ultramem", memory_blocks=[1], memory_keys=8, memory_topk=4, grad_checkpointing=True),
     "moe-softmax-4in32-hyper-static-ultramemv2": dict(
         name="RaceDiT-S/2-4in32", depth=6, gating="softmax", connections="hyper", memory="ultramemv2",
         memory_blocks=[2], memory_keys=8, memory_topk=4),
@@ -53,9 +53,13 @@ FAMILIES = {
 
 def build(overrides: dict, mix_strategies: bool = True):
     """A tiny model, with `mix_strategies` its blocks' routers taking the six strategies in turn, every weight
-    moved off its (partly zero) initialisation so that every branch contributes."""
+    moved off its (partly zero) initialisation so that every branch contributes. `overrides` are
+    create_model's, and grad_checkpointing=True switches on activation checkpointing."""
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    checkpointed = overrides.pop("grad_checkpointing", False)
     model = create_model(**{**TINY, **overrides})
+    model.grad_checkpointing = checkpointed  # activation checkpointing of every block
     moe = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     for layer, strategy in zip(moe, STRATEGIES if mix_strategies else ()):
         layer.router.routing = strategy

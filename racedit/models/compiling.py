@@ -5,8 +5,10 @@ Every family traces whole (`fullgraph=True`): the training selection has N*k pai
 opaque, and eval's threshold check runs on the device (`torch.cond`). Two selections have a data-dependent
 number of pairs, the eval threshold (S >= tau) and race_scope="global" (this rank's share); `torch.nonzero`
 sizes their pair lists, which the compiler captures as an unbacked size only with dynamo's
-`capture_dynamic_output_shape_ops`. `compile_model` switches it on (a process-wide dynamo setting), so a
-new count never recompiles; calling `torch.compile` on a racedit model directly needs the same setting.
+`capture_dynamic_output_shape_ops`; and a block under activation checkpointing writes the forward record,
+a side effect dynamo refuses to trace unless told not to replay it in the recomputation.
+`compile_model` sets both (`configure_dynamo`, process-wide dynamo settings), so a new count never
+recompiles; calling `torch.compile` on a racedit model directly needs the same settings.
 
 Letters (docs/method/README.md): B images.
 """
@@ -24,9 +26,12 @@ COMPILE_MODES = CHOICES["train.compile_mode"]
 COMPILE_UNITS = ("model", "block")
 
 
-def allow_data_dependent_sizes() -> None:
-    """Let dynamo capture ops whose output size depends on the data (`torch.nonzero`) as unbacked sizes."""
+def configure_dynamo() -> None:
+    """The process-wide dynamo settings racedit models need: capture ops whose output size depends on the data
+    (`torch.nonzero`) as unbacked sizes; under activation checkpointing, write the forward's record once and
+    do not replay that write when the backward recomputes the block (eager replays it with equal values)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def compile_model(model: DiT, mode: str = "default", unit: str = "model", backend: str = "inductor",
@@ -42,7 +47,7 @@ def compile_model(model: DiT, mode: str = "default", unit: str = "model", backen
         raise ValueError(f"unknown compile mode {mode!r}; allowed: {list(COMPILE_MODES)}")
     if unit not in COMPILE_UNITS:
         raise ValueError(f"unknown compile unit {unit!r}; allowed: {list(COMPILE_UNITS)}")
-    allow_data_dependent_sizes()
+    configure_dynamo()
     options = dict(fullgraph=True, backend=backend, dynamic=dynamic)
     if backend == "inductor":
         options["mode"] = mode
