@@ -1,0 +1,175 @@
+"""Collectives of the global race whose traffic does not grow with the batch or the number of processes.
+
+race_scope=global selects over the batch of every rank (docs/method/routing.md, "Race scope"). Gathering the
+scores costs each rank B*L*E values times the world size; this module finds the same selection from counts:
+
+- `radix_topk`: exact top-K of each group whose candidates are spread over the ranks. Scores map to integer
+  keys that order like the floats; a few rounds of histogram counting over the key's digits, one
+  `all_reduce` of (groups, 2^r) counts per round, find the K-th largest key of the whole job. Ties at the
+  K-th value go to the lower global candidate index: ranks hold consecutive runs of each group's candidates
+  (rank order), so one `all_gather` of each rank's tie count (an exclusive prefix sum) shares them out.
+  The mask is the one the gathered top-K gives, bit for bit.
+- `exact_mean`: a mean of one float per group over all ranks that does not depend on how the groups are
+  split among them (fixed point, integer sums), for the K-th score of strategies whose groups are images.
+- `sum_over_ranks`: sum of small tensors over the ranks whose gradient reaches this rank's summand only,
+  for the router losses' E x E and E-sized sums.
+- `global_batch`: B of all ranks, checking that L and E agree.
+
+Costs per call, r bits per round: ceil(bits/r) all_reduces of groups * 2^r counts, one all_gather of
+`groups` counts per rank; docs/method/routing.md and docs/benchmarks.md give the bytes.
+
+Letters (docs/method/README.md): B images per rank, L tokens per image, E experts, K pairs selected per group,
+G groups, C candidates of a group on this rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+RADIX_BITS = 8  # bits per round: 4 rounds of 256 bins for float32 scores (measured: docs/benchmarks.md)
+FIXED_POINT_BITS = 40  # `exact_mean` keeps 2^-40 of the largest |value|; int64 then holds 2^23 summands
+_INT64_SIGN = torch.iinfo(torch.int64).min
+
+
+def world_size(group) -> int:
+    """Ranks in `group`; 1 for group=None (no group) or without an initialised process group."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def default_group(group):
+    """`group`, else the default process group when one is initialised, else None."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return group
+
+
+def global_batch(B: int, L: int, E: int, group) -> int:
+    """B summed over the ranks of `group` (one all_reduce of 5 int64); ValueError unless L and E agree."""
+    shape = torch.tensor([B, L, E, L * L, E * E], dtype=torch.int64)
+    dist.all_reduce(shape, group=group)
+    world = world_size(group)
+    total_b, sum_l, sum_e, sum_l2, sum_e2 = shape.tolist()
+    # equal on every rank iff world * sum(x^2) == sum(x)^2 (zero variance)
+    if world * sum_l2 != sum_l * sum_l or world * sum_e2 != sum_e * sum_e:
+        raise ValueError(f"race_scope=global needs the same L and E on every rank; this rank has L={L}, E={E}, "
+                         f"the ranks' mean is L={sum_l / world:g}, E={sum_e / world:g}")
+    return total_b
+
+
+def _order_keys(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """float32/float64 (...) -> (compare key int64, digit key int64, key bits): integers in the float order.
+
+    A float's bits read as a signed integer order the non-negative floats; flipping all but the sign bit of
+    the negative ones orders those too. The digit key is the compare key shifted to unsigned (its bit
+    pattern, for 64 bits), so its r-bit digits, most significant first, order like the value. -0.0 must
+    be turned into +0.0 before (they compare equal, so they must tie).
+    """
+    if values.dtype == torch.float32:
+        bits = values.view(torch.int32)
+        signed = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+        unsigned = signed + (1 << 31)  # in [0, 2^32): compares like `signed`
+        return unsigned, unsigned, 32
+    bits = values.view(torch.int64)
+    signed = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+    return signed, signed ^ _INT64_SIGN, 64
+
+
+def _value_of_key(digits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_order_keys`: digit key (G,) -> (compare key (G,), the float (G,) of `dtype`)."""
+    if dtype == torch.float32:
+        signed = (digits - (1 << 31)).to(torch.int32)
+        return digits, (signed ^ ((signed >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    signed = digits ^ _INT64_SIGN
+    return signed, (signed ^ ((signed >> 63) & 0x7FFFFFFFFFFFFFFF)).view(torch.float64)
+
+
+def radix_topk(grouped: torch.Tensor, K: int, group, bits_per_round: int = RADIX_BITS,
+               candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K of each group over all ranks: grouped (G, C) -> (bool chosen (G, C), K-th largest (G,)).
+
+    Row g of `grouped` holds this rank's run of group g's candidates; the group is the concatenation of the
+    runs in rank order (C may differ between ranks, G may not). Every rank gets the same K-th value, and
+    the union of the ranks' `chosen` is what `routing.grouped_topk` picks on the concatenation, ties
+    included. float32 and float64 keep their dtype; other floats are compared as float32 (exact) and the
+    K-th value is returned in float32. NaN scores give an unspecified choice. `candidates`: the group's
+    size over all ranks when known (picks int32 counts below 2^31); all ranks must call this together.
+    """
+    values = grouped.detach()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    values = values + 0.0  # -0.0 -> +0.0
+    compare, digit_key, key_bits = _order_keys(values)
+    G = values.shape[0]
+    bins = 1 << bits_per_round
+    fits_int32 = candidates is not None and candidates < 2**31
+    count_dtype = torch.int32 if fits_int32 else torch.int64
+    need = torch.full((G,), K, dtype=torch.int64, device=values.device)  # places left among the active keys
+    active = torch.ones_like(values, dtype=torch.bool)  # keys whose digits so far equal the K-th key's
+    kth_digits = torch.zeros(G, dtype=torch.int64, device=values.device)
+    row_offset = torch.arange(G, device=values.device).unsqueeze(1) * bins
+    ones = torch.ones(values.numel(), dtype=count_dtype, device=values.device)
+    for shift in range(key_bits - bits_per_round, -1, -bits_per_round):
+        digit = (digit_key >> shift) & (bins - 1)
+        slot = torch.where(active, row_offset + digit, G * bins)  # inactive keys count in a dropped bin
+        counts = torch.zeros(G * bins + 1, dtype=count_dtype, device=values.device)
+        counts.scatter_add_(0, slot.reshape(-1), ones)
+        hist = counts[:-1].contiguous()
+        dist.all_reduce(hist, group=group)
+        hist = hist.view(G, bins).to(torch.int64)
+        at_least = hist.flip(1).cumsum(1).flip(1)  # active keys of the job with this digit or a larger one
+        chosen_digit = (at_least >= need.unsqueeze(1)).sum(1) - 1  # the largest digit still holding the K-th
+        above = at_least.gather(1, chosen_digit.unsqueeze(1)) - hist.gather(1, chosen_digit.unsqueeze(1))
+        need = need - above.squeeze(1)
+        active &= digit == chosen_digit.unsqueeze(1)
+        kth_digits |= chosen_digit << shift
+    kth_compare, kth = _value_of_key(kth_digits, values.dtype)
+    # `active` is now this rank's keys equal to the K-th; `need` how many of those the job still takes
+    ties_here = active.sum(1).to(count_dtype)
+    ties_per_rank = [torch.empty_like(ties_here) for _ in range(world_size(group))]
+    dist.all_gather(ties_per_rank, ties_here, group=group)
+    ties_before = torch.stack(ties_per_rank[:dist.get_rank(group)]).sum(0).unsqueeze(1) if dist.get_rank(group) else 0
+    taken = active & ((active.cumsum(1) + ties_before).to(torch.int64) <= need.unsqueeze(1))
+    return (compare > kth_compare.unsqueeze(1)) | taken, kth
+
+
+def exact_mean(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean of values (n,) over every rank of `group` (all of them for group=None) -> () float32.
+
+    Each value is rounded to a multiple of 2^-40 of the job's largest |value| and the integers are summed,
+    so the result does not depend on how the values are split among the ranks or ordered (a float sum
+    would). Two all_reduces of 8 and 16 bytes. Non-finite values give a non-finite mean.
+    """
+    v = values.detach().to(torch.float64).reshape(-1)
+    spans = world_size(group) > 1
+    peak = v.abs().max() if v.numel() else v.new_zeros(())
+    if spans:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    if not torch.isfinite(peak):
+        return v.new_full((), float("nan") if torch.isnan(peak) else float("inf")).float()
+    exponent = torch.frexp(peak).exponent.to(torch.float64)  # peak < 2^exponent
+    fixed = torch.round(v * torch.exp2(FIXED_POINT_BITS - exponent)).to(torch.int64)
+    sums = torch.stack([fixed.sum(), torch.tensor(v.numel(), dtype=torch.int64, device=v.device)])
+    if spans:
+        dist.all_reduce(sums, group=group)
+    return (sums[0].to(torch.float64) * torch.exp2(exponent - FIXED_POINT_BITS) / sums[1]).float()
+
+
+def sum_over_ranks(parts: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Each tensor of `parts` summed over the ranks of `group`, in one all_reduce of their concatenation.
+
+    The result has the job's value and the gradient of this rank's summand only (the other ranks' parts
+    arrive detached), which is what each rank backpropagates through for a loss of global sums.
+    """
+    if world_size(group) == 1:
+        return parts
+    flat = torch.cat([p.detach().reshape(-1).to(parts[0].dtype) for p in parts])
+    dist.all_reduce(flat, group=group)
+    out, start = [], 0
+    for p in parts:
+        total = flat[start:start + p.numel()].view(p.shape).to(p.dtype)
+        out.append(total + (p - p.detach()))  # the job's value exactly; gradient to p
+        start += p.numel()
+    return out
