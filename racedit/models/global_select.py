@@ -60,29 +60,28 @@ def global_batch(B: int, L: int, E: int, group) -> int:
 
 
 def _order_keys(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """float32/float64 (...) -> (compare key int64, digit key int64, key bits): integers in the float order.
+    """float32/float64 (...) -> (compare key, digit key, key bits): integers of the float's width in its order.
 
     A float's bits read as a signed integer order the non-negative floats; flipping all but the sign bit of
-    the negative ones orders those too. The digit key is the compare key shifted to unsigned (its bit
-    pattern, for 64 bits), so its r-bit digits, most significant first, order like the value. -0.0 must
-    be turned into +0.0 before (they compare equal, so they must tie).
+    the negative ones orders those too (the compare key). The digit key is that key with its sign bit
+    flipped, the bit pattern of the unsigned key, so its r-bit digits, most significant first, order like
+    the value. -0.0 must be turned into +0.0 before (they compare equal, so they must tie).
     """
     if values.dtype == torch.float32:
         bits = values.view(torch.int32)
-        signed = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
-        unsigned = signed + (1 << 31)  # in [0, 2^32): compares like `signed`
-        return unsigned, unsigned, 32
+        signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        return signed, signed ^ torch.iinfo(torch.int32).min, 32
     bits = values.view(torch.int64)
     signed = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
     return signed, signed ^ _INT64_SIGN, 64
 
 
-def _value_of_key(digits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `_order_keys`: digit key (G,) -> (compare key (G,), the float (G,) of `dtype`)."""
+def _value_of_key(unsigned: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_order_keys`: unsigned key (G,) int64 -> (compare key (G,), the float (G,) of `dtype`)."""
     if dtype == torch.float32:
-        signed = (digits - (1 << 31)).to(torch.int32)
-        return digits, (signed ^ ((signed >> 31) & 0x7FFFFFFF)).view(torch.float32)
-    signed = digits ^ _INT64_SIGN
+        signed = (unsigned - (1 << 31)).to(torch.int32)
+        return signed, (signed ^ ((signed >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    signed = unsigned ^ _INT64_SIGN
     return signed, (signed ^ ((signed >> 63) & 0x7FFFFFFFFFFFFFFF)).view(torch.float64)
 
 
@@ -96,43 +95,53 @@ def radix_topk(grouped: torch.Tensor, K: int, group, bits_per_round: int = RADIX
     included. float32 and float64 keep their dtype; other floats are compared as float32 (exact) and the
     K-th value is returned in float32. NaN scores give an unspecified choice. `candidates`: the group's
     size over all ranks when known (picks int32 counts below 2^31); all ranks must call this together.
+    Each round looks only at the candidates whose digits so far equal the K-th key's (a compaction: one
+    host read per round on an accelerator).
     """
     values = grouped.detach()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    values = values + 0.0  # -0.0 -> +0.0
+    values = (values + 0.0).contiguous()  # -0.0 -> +0.0
     compare, digit_key, key_bits = _order_keys(values)
-    G = values.shape[0]
+    G, C = values.shape
+    device = values.device
     bins = 1 << bits_per_round
-    fits_int32 = candidates is not None and candidates < 2**31
-    count_dtype = torch.int32 if fits_int32 else torch.int64
-    need = torch.full((G,), K, dtype=torch.int64, device=values.device)  # places left among the active keys
-    active = torch.ones_like(values, dtype=torch.bool)  # keys whose digits so far equal the K-th key's
-    kth_digits = torch.zeros(G, dtype=torch.int64, device=values.device)
-    row_offset = torch.arange(G, device=values.device).unsqueeze(1) * bins
-    ones = torch.ones(values.numel(), dtype=count_dtype, device=values.device)
+    count_dtype = torch.int32 if candidates is not None and candidates < 2**31 else torch.int64
+    need = torch.full((G,), K, dtype=torch.int64, device=device)  # places left among the matching keys
+    kth_unsigned = torch.zeros(G, dtype=torch.int64, device=device)
+    ones = torch.ones(G * C, dtype=count_dtype, device=device)
+    # The keys whose digits so far equal the K-th key's, where they are (flat) and their rows: all of them,
+    # as (G, C), in the first round, then compacted (later rounds look at about 1/2^r as many or fewer).
+    keys, positions, rows = digit_key, None, torch.arange(G, device=device).unsqueeze(1)
     for shift in range(key_bits - bits_per_round, -1, -bits_per_round):
-        digit = (digit_key >> shift) & (bins - 1)
-        slot = torch.where(active, row_offset + digit, G * bins)  # inactive keys count in a dropped bin
-        counts = torch.zeros(G * bins + 1, dtype=count_dtype, device=values.device)
-        counts.scatter_add_(0, slot.reshape(-1), ones)
-        hist = counts[:-1].contiguous()
+        digit = ((keys >> shift) & (bins - 1)).to(torch.int64)
+        hist = torch.zeros(G * bins, dtype=count_dtype, device=device)
+        hist.scatter_add_(0, (rows * bins + digit).reshape(-1), ones[:digit.numel()])
         dist.all_reduce(hist, group=group)
         hist = hist.view(G, bins).to(torch.int64)
-        at_least = hist.flip(1).cumsum(1).flip(1)  # active keys of the job with this digit or a larger one
+        at_least = hist.flip(1).cumsum(1).flip(1)  # matching keys of the job with this digit or a larger one
         chosen_digit = (at_least >= need.unsqueeze(1)).sum(1) - 1  # the largest digit still holding the K-th
         above = at_least.gather(1, chosen_digit.unsqueeze(1)) - hist.gather(1, chosen_digit.unsqueeze(1))
         need = need - above.squeeze(1)
-        active &= digit == chosen_digit.unsqueeze(1)
-        kth_digits |= chosen_digit << shift
-    kth_compare, kth = _value_of_key(kth_digits, values.dtype)
-    # `active` is now this rank's keys equal to the K-th; `need` how many of those the job still takes
-    ties_here = active.sum(1).to(count_dtype)
+        kth_unsigned |= chosen_digit << shift
+        if positions is None:
+            positions = (digit == chosen_digit.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+            keys, rows = keys.reshape(-1)[positions], positions // max(C, 1)
+        else:
+            kept = (digit == chosen_digit[rows]).nonzero().squeeze(1)
+            keys, positions, rows = keys[kept], positions[kept], rows[kept]
+    kth_compare, kth = _value_of_key(kth_unsigned, values.dtype)
+    chosen = compare > kth_compare.unsqueeze(1)
+    # `positions` (ascending) are this rank's keys equal to the K-th; `need` how many of those the job takes
+    ties_here = torch.zeros(G, dtype=count_dtype, device=device).scatter_add_(0, rows, ones[:rows.numel()])
     ties_per_rank = [torch.empty_like(ties_here) for _ in range(world_size(group))]
     dist.all_gather(ties_per_rank, ties_here, group=group)
-    ties_before = torch.stack(ties_per_rank[:dist.get_rank(group)]).sum(0).unsqueeze(1) if dist.get_rank(group) else 0
-    taken = active & ((active.cumsum(1) + ties_before).to(torch.int64) <= need.unsqueeze(1))
-    return (compare > kth_compare.unsqueeze(1)) | taken, kth
+    rank = dist.get_rank(group)
+    ties_before = torch.stack(ties_per_rank[:rank]).sum(0).to(torch.int64) if rank else torch.zeros_like(need)
+    first_of_row = ties_here.to(torch.int64).cumsum(0) - ties_here  # this rank's ties in the rows before
+    place = torch.arange(1, rows.numel() + 1, device=device) - first_of_row[rows] + ties_before[rows]
+    chosen.view(-1)[positions[place <= need[rows]]] = True  # 1-based place among the job's ties
+    return chosen, kth
 
 
 def exact_mean(values: torch.Tensor, group=None) -> torch.Tensor:

@@ -68,8 +68,8 @@ def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None,
     `group`: the process group the routing selection spanned (race_scope=global, `MoELayerRecord.group`);
     the loss is then computed over the batch of all its ranks, with gradient to this rank's logits, scaled
     so that data-parallel gradient averaging yields the gradient of the global loss. method "radix": from
-    M'_ij, P'_ij and N summed over the ranks (one all_reduce of 2E^2 + 1 values); "gather": over the
-    all-gathered logits and masks (the reference).
+    M', P' (symmetric: their upper triangles) and N summed over the ranks, one all_reduce of E(E+1) + 1
+    values; "gather": over the all-gathered logits and masks (the reference).
     """
     if method == "gather":
         logits, _ = gather_rows(logits, group)
@@ -81,12 +81,27 @@ def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None,
     m = mask.detach().to(dtype)
     co, pp, n = m.t() @ m, p.t() @ p, m.new_tensor([logits.shape[0]])  # (E, E), (E, E), (1,)
     if method != "gather":
-        co, pp, n = sum_over_ranks([co, pp, n], group)
+        co, pp, n = _sum_symmetric_over_ranks(co, pp, n, group)
     diag = torch.diagonal(co)
     off = co - torch.diag_embed(diag)
     weights = off * ((E * E - E) / off.sum().clamp_min(eps)) + torch.diag_embed(diag * (E / diag.sum().clamp_min(eps)))
     loss = (weights * pp).sum() / n.clamp_min(1).squeeze(0)
     return _global_gradient(loss, world)
+
+
+def _sum_symmetric_over_ranks(co: torch.Tensor, pp: torch.Tensor, n: torch.Tensor,
+                              group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric (E, E) co and pp and n (1,) summed over the ranks (`sum_over_ranks`) through their upper
+    triangles, half the bytes of the full matrices."""
+    E = co.shape[0]
+    upper = torch.triu_indices(E, E, device=co.device)
+    co_t, pp_t, n = sum_over_ranks([co[upper[0], upper[1]], pp[upper[0], upper[1]], n], group)
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        m = t.new_zeros(E, E).index_put((upper[0], upper[1]), t)
+        return m + m.t() - torch.diag_embed(torch.diagonal(m))
+
+    return full(co_t), full(pp_t), n
 
 
 def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6,

@@ -40,7 +40,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from racedit.models.global_select import default_group, exact_mean, global_batch, radix_topk, world_size
+from racedit.models.global_select import (
+    RADIX_BITS,
+    default_group,
+    exact_mean,
+    global_batch,
+    radix_topk,
+    world_size,
+)
 from racedit.presets import selected_per_group
 
 STRATEGIES = ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race")
@@ -169,8 +176,8 @@ def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None)
     return mask[start:start + scores.shape[0]], kth
 
 
-def select_global(scores: torch.Tensor, strategy: str, k: int, group=None,
-                  method: str = "radix") -> tuple[torch.Tensor, torch.Tensor]:
+def select_global(scores: torch.Tensor, strategy: str, k: int, group=None, method: str = "radix", *,
+                  radix_bits: int = RADIX_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """Training selection over the batch of every rank of `group` (default: the default process group):
     S (B, L, E) of this rank -> (bool mask (B, L, E) of this rank, the batch's K-th largest score () float32).
 
@@ -181,6 +188,7 @@ def select_global(scores: torch.Tensor, strategy: str, k: int, group=None,
     `exact_mean` of the groups' K-th scores over all ranks. method: "radix" (histogram all_reduces: a few KiB
     whatever the world size) or "gather" (all-gather the scores: the readable reference). Without a process
     group, or with one rank, this is `grouped_topk` on the local batch. All ranks must call it together.
+    radix_bits: digit bits per histogram round (8: 4 rounds of 256 bins for float32; 16: 2 of 65,536).
     """
     if method not in GLOBAL_SELECT_METHODS:
         raise ValueError(f"unknown global selection method {method!r}; allowed: {list(GLOBAL_SELECT_METHODS)}")
@@ -198,7 +206,7 @@ def select_global(scores: torch.Tensor, strategy: str, k: int, group=None,
         raise ValueError(f"scores must be (B, L, E), got shape {tuple(scores.shape)}")
     B, L, E = scores.shape
     perm, groups, candidates, K = group_layout(strategy, global_batch(B, L, E, group), L, E, k)
-    chosen, kth = radix_topk(_to_groups(scores, perm, groups), K, group, candidates=candidates)
+    chosen, kth = radix_topk(_to_groups(scores, perm, groups), K, group, radix_bits, candidates)
     return _from_groups(chosen, scores.shape, perm), kth.float().mean()
 
 
