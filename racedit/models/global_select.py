@@ -46,9 +46,10 @@ def default_group(group):
     return group
 
 
-def global_batch(B: int, L: int, E: int, group) -> int:
-    """B summed over the ranks of `group` (one all_reduce of 5 int64); ValueError unless L and E agree."""
-    shape = torch.tensor([B, L, E, L * L, E * E], dtype=torch.int64)
+def global_batch(B: int, L: int, E: int, group, device: torch.device | None = None) -> int:
+    """B summed over the ranks of `group` (one all_reduce of 5 int64 on `device`, the one the backend
+    reduces on: the scores'); ValueError unless L and E agree."""
+    shape = torch.tensor([B, L, E, L * L, E * E], dtype=torch.int64, device=device)
     dist.all_reduce(shape, group=group)
     world = world_size(group)
     total_b, sum_l, sum_e, sum_l2, sum_e2 = shape.tolist()

@@ -205,7 +205,7 @@ def select_global(scores: torch.Tensor, strategy: str, k: int, group=None, metho
     if scores.dim() != 3:
         raise ValueError(f"scores must be (B, L, E), got shape {tuple(scores.shape)}")
     B, L, E = scores.shape
-    perm, groups, candidates, K = group_layout(strategy, global_batch(B, L, E, group), L, E, k)
+    perm, groups, candidates, K = group_layout(strategy, global_batch(B, L, E, group, scores.device), L, E, k)
     chosen, kth = radix_topk(_to_groups(scores, perm, groups), K, group, radix_bits, candidates)
     return _from_groups(chosen, scores.shape, perm), kth.float().mean()
 
