@@ -23,7 +23,7 @@ from einops import rearrange
 
 from racedit.models.global_select import sum_over_ranks, world_size
 from racedit.models.records import ForwardRecord, MoELayerRecord
-from racedit.models.routing import gather_rows
+from racedit.models.routing import GLOBAL_SELECT_METHODS, gather_rows
 
 __all__ = [
     "router_similarity_loss",
@@ -42,6 +42,15 @@ AUX_LOSS_NAMES = {
     "balance": "loss/balance",
     "z_loss": "loss/z_loss",
 }
+
+
+def _gathered(logits: torch.Tensor, mask: torch.Tensor, group, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows every loss reads: all ranks' logits and masks for method="gather", else this rank's own."""
+    if method not in GLOBAL_SELECT_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {list(GLOBAL_SELECT_METHODS)}")
+    if method == "gather":
+        return gather_rows(logits, group)[0], gather_rows(mask, group)[0]
+    return logits, mask
 
 
 def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
@@ -71,16 +80,14 @@ def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None,
     M', P' (symmetric: their upper triangles) and N summed over the ranks, one all_reduce of E(E+1) + 1
     values; "gather": over the all-gathered logits and masks (the reference).
     """
-    if method == "gather":
-        logits, _ = gather_rows(logits, group)
-        mask, _ = gather_rows(mask, group)
+    logits, mask = _gathered(logits, mask, group, method)
     world = world_size(group)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     E = logits.shape[1]
     p = torch.softmax(logits.to(dtype), dim=-1)
     m = mask.detach().to(dtype)
     co, pp, n = m.t() @ m, p.t() @ p, m.new_tensor([logits.shape[0]])  # (E, E), (E, E), (1,)
-    if method != "gather":
+    if method != "gather" and world > 1:
         co, pp, n = _sum_symmetric_over_ranks(co, pp, n, group)
     diag = torch.diagonal(co)
     off = co - torch.diag_embed(diag)
@@ -113,16 +120,14 @@ def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: floa
     `group` as in `router_similarity_loss`; method "radix" all_reduces the E-vectors of loads and summed
     probabilities and N (2E + 1 values). Not in the Race-DiT recipe; its Table 2 compares against it.
     """
-    if method == "gather":
-        logits, _ = gather_rows(logits, group)
-        mask, _ = gather_rows(mask, group)
+    logits, mask = _gathered(logits, mask, group, method)
     world = world_size(group)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     E = logits.shape[1]
     load = mask.detach().to(dtype).sum(dim=0)
     p_sum = torch.softmax(logits.to(dtype), dim=-1).sum(dim=0)
     n = load.new_tensor([logits.shape[0]])
-    if method != "gather":
+    if method != "gather" and world > 1:
         load, p_sum, n = sum_over_ranks([load, p_sum, n], group)
     f = load / load.sum().clamp_min(eps)
     p_mean = p_sum / n.clamp_min(1)
