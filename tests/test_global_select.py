@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 from conftest import run_gloo_workers
 
-from racedit.config import ConfigError
+from racedit.config import ConfigError, LossConfig
+from racedit.models import create_model
 from racedit.models.global_select import exact_mean, radix_topk
-from racedit.models.losses import balance_loss, router_similarity_loss
+from racedit.models.losses import auxiliary_losses, balance_loss, router_similarity_loss
 from racedit.models.moe import MoEFeedForward
+from racedit.models.records import ForwardRecord
 from racedit.models.routing import SPANS_BATCH, STRATEGIES, grouped_topk, select_global
 from racedit.presets import selected_per_group
 
@@ -94,12 +96,37 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 loss = fn(part, mask[start:start + rows_here], group=dist.group.WORLD, method=method)
                 (grad,) = torch.autograd.grad(loss, part)
                 out[f"{name}/{method}"], out[f"{name}/{method}/grad"] = loss.detach(), grad
+        out.update(model_step(rank, world))
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 LOSS_ROWS = {2: (6, 10), 4: (3, 9, 1, 7)}
+
+
+def model_step(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A tiny Race-DiT (race_scope=global) forward with both losses and backward, once per global_select: the
+    masks of every layer and the gradients of every parameter, by method."""
+    batches = BATCHES[world]
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(sum(batches), 1, 8, 8, generator=g, dtype=torch.float64), torch.rand(sum(batches)) * 999
+    y = torch.randint(0, 10, (sum(batches),), generator=g)
+    rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
+    out = {}
+    for method in ("radix", "gather"):
+        torch.manual_seed(0)
+        model = create_model("RaceDiT-S/2-2in8", input_size=8, in_channels=1, num_classes=10, depth=2,
+                             hidden_size=32, num_heads=2, learn_sigma=False, race_scope="global",
+                             global_select=method).double().train()
+        record = ForwardRecord()
+        prediction = model(x[rows], t[rows], y[rows], record=record)
+        aux = auxiliary_losses(record, LossConfig(router_similarity=1.0, balance=1.0))
+        (prediction.square().mean() + sum(aux.values())).backward()
+        out[f"model/{method}/methods"] = torch.tensor([r.global_select == method for r in record.moe_layers()])
+        out[f"model/{method}/masks"] = torch.stack([r.mask for r in record.moe_layers()])
+        out[f"model/{method}/grads"] = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return out
 
 
 def loss_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +199,14 @@ def test_global_losses_from_sums_equal_gather_and_one_process(gloo_results):
             # data-parallel training averages the ranks' gradients: that average is the global loss's gradient
             averaged = torch.cat([r[f"{name}/{method}/grad"] for r in ranks]) / world
             torch.testing.assert_close(averaged, grad, rtol=1e-10, atol=1e-13)
+
+
+def test_model_trains_the_same_with_either_method(gloo_results):
+    world, ranks = gloo_results
+    for r in ranks:
+        assert r["model/radix/methods"].all() and r["model/gather/methods"].all()  # the config reaches the records
+        assert torch.equal(r["model/radix/masks"], r["model/gather/masks"])
+        torch.testing.assert_close(r["model/radix/grads"], r["model/gather/grads"], rtol=1e-9, atol=1e-12)
 
 
 def test_global_select_key_is_validated(tiny_config):
