@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/moe_step.py --connections
 	$(BIN)/python bench/memory_step.py
+	$(BIN)/python bench/comm_scaling.py
 	$(BIN)/python bench/latents.py
 	$(BIN)/python bench/verify.py
 

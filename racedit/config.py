@@ -56,6 +56,8 @@ class ModelConfig:
     routing: str = "expert_race"  # token_choice | expert_choice | bl_choice | be_choice | le_choice | expert_race
     gating: str = "identity"  # identity | sigmoid | softmax, applied to the gating-head logits
     race_scope: str = "local"  # local: top-K over this process's batch; global: over all ranks' scores
+    # race_scope=global: radix (histogram all_reduces, a few KiB per layer at any world size) | gather (the scores)
+    global_select: str = "radix"
     threshold_decay: float = 0.99  # EMA decay of the inference threshold (batch K-th largest score)
     inference_routing: str = "threshold"  # eval mode: threshold (S >= tau, batch-independent) | topk (training rule)
     router_target_head: bool = True  # router head predicting the diffusion target (per-layer regularization)

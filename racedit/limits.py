@@ -99,6 +99,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.routing": ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race"),
     "model.gating": ("identity", "sigmoid", "softmax"),
     "model.race_scope": ("local", "global"),
+    "model.global_select": ("radix", "gather"),
     "model.inference_routing": ("threshold", "topk"),
     "model.connections": ("residual", "hyper", "frac"),
     "model.memory": ("none", "pkm", "ultramem", "ultramemv2"),

@@ -181,7 +181,7 @@ def build_feedforward(cfg, layer_index: int) -> nn.Module:
         return FeedForward(d, int(d * cfg.mlp_ratio))
     return MoEFeedForward(
         d, cfg.moe_experts, cfg.moe_k, mlp_ratio=cfg.mlp_ratio, routing=cfg.routing, gating=cfg.gating,
-        race_scope=cfg.race_scope, threshold_decay=cfg.threshold_decay,
+        race_scope=cfg.race_scope, global_select=cfg.global_select, threshold_decay=cfg.threshold_decay,
         inference_routing=cfg.inference_routing,
         target_dim=cfg.patch_size ** 2 * cfg.in_channels if cfg.router_target_head else 0,
         layer_index=layer_index,

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from racedit.models.global_select import sum_over_ranks, world_size
 from racedit.models.records import ForwardRecord, MoELayerRecord
-from racedit.models.routing import gather_rows
+from racedit.models.routing import GLOBAL_SELECT_METHODS, gather_rows
 
 __all__ = [
     "router_similarity_loss",
@@ -43,6 +44,15 @@ AUX_LOSS_NAMES = {
 }
 
 
+def _gathered(logits: torch.Tensor, mask: torch.Tensor, group, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows every loss reads: all ranks' logits and masks for method="gather", else this rank's own."""
+    if method not in GLOBAL_SELECT_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {list(GLOBAL_SELECT_METHODS)}")
+    if method == "gather":
+        return gather_rows(logits, group)[0], gather_rows(mask, group)[0]
+    return logits, mask
+
+
 def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
     """Same value, gradient multiplied by `world`.
 
@@ -53,7 +63,8 @@ def _global_gradient(loss: torch.Tensor, world: int) -> torch.Tensor:
     return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())
 
 
-def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6) -> torch.Tensor:
+def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6,
+                           method: str = "radix") -> torch.Tensor:
     """Router similarity loss of one MoE layer (Race-DiT §5, Eqs. 9-11; docs/method/losses.md), a scalar.
 
     logits (N, E): gating-head logits; mask (N, E) bool: the routing mask (no gradient).
@@ -65,38 +76,61 @@ def router_similarity_loss(logits: torch.Tensor, mask: torch.Tensor, group=None,
 
     `group`: the process group the routing selection spanned (race_scope=global, `MoELayerRecord.group`);
     the loss is then computed over the batch of all its ranks, with gradient to this rank's logits, scaled
-    so that data-parallel gradient averaging yields the gradient of the global loss.
+    so that data-parallel gradient averaging yields the gradient of the global loss. method "radix": from
+    M', P' (symmetric: their upper triangles) and N summed over the ranks, one all_reduce of E(E+1) + 1
+    values; "gather": over the all-gathered logits and masks (the reference).
     """
-    logits, sizes = gather_rows(logits, group)
-    mask, _ = gather_rows(mask, group)
-    world = len(sizes)
+    logits, mask = _gathered(logits, mask, group, method)
+    world = world_size(group)
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    N, E = logits.shape
+    E = logits.shape[1]
     p = torch.softmax(logits.to(dtype), dim=-1)
     m = mask.detach().to(dtype)
-    co = m.t() @ m  # (E, E)
+    co, pp, n = m.t() @ m, p.t() @ p, m.new_tensor([logits.shape[0]])  # (E, E), (E, E), (1,)
+    if method != "gather" and world > 1:
+        co, pp, n = _sum_symmetric_over_ranks(co, pp, n, group)
     diag = torch.diagonal(co)
     off = co - torch.diag_embed(diag)
     weights = off * ((E * E - E) / off.sum().clamp_min(eps)) + torch.diag_embed(diag * (E / diag.sum().clamp_min(eps)))
-    loss = (weights * (p.t() @ p)).sum() / max(N, 1)
+    loss = (weights * pp).sum() / n.clamp_min(1).squeeze(0)
     return _global_gradient(loss, world)
 
 
-def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6) -> torch.Tensor:
+def _sum_symmetric_over_ranks(co: torch.Tensor, pp: torch.Tensor, n: torch.Tensor,
+                              group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric (E, E) co and pp and n (1,) summed over the ranks (`sum_over_ranks`) through their upper
+    triangles, half the bytes of the full matrices."""
+    E = co.shape[0]
+    upper = torch.triu_indices(E, E, device=co.device)
+    co_t, pp_t, n = sum_over_ranks([co[upper[0], upper[1]], pp[upper[0], upper[1]], n], group)
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        m = t.new_zeros(E, E).index_put((upper[0], upper[1]), t)
+        return m + m.t() - torch.diag_embed(torch.diagonal(m))
+
+    return full(co_t), full(pp_t), n
+
+
+def balance_loss(logits: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-6,
+                 method: str = "radix") -> torch.Tensor:
     """Switch-Transformer load-balance loss E * sum_e f_e * P_e of one MoE layer, a scalar.
 
     f_e = share of the selected (token, expert) pairs that went to expert e (from the mask, no gradient),
     P_e = mean over tokens of softmax(logits)_e. Equals 1 at uniform load. logits (N, E), mask (N, E) bool.
-    `group` as in `router_similarity_loss`. Not in the Race-DiT recipe; its Table 2 compares against it.
+    `group` as in `router_similarity_loss`; method "radix" all_reduces the E-vectors of loads and summed
+    probabilities and N (2E + 1 values). Not in the Race-DiT recipe; its Table 2 compares against it.
     """
-    logits, sizes = gather_rows(logits, group)
-    mask, _ = gather_rows(mask, group)
-    world = len(sizes)
+    logits, mask = _gathered(logits, mask, group, method)
+    world = world_size(group)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     E = logits.shape[1]
     load = mask.detach().to(dtype).sum(dim=0)
+    p_sum = torch.softmax(logits.to(dtype), dim=-1).sum(dim=0)
+    n = load.new_tensor([logits.shape[0]])
+    if method != "gather" and world > 1:
+        load, p_sum, n = sum_over_ranks([load, p_sum, n], group)
     f = load / load.sum().clamp_min(eps)
-    p_mean = torch.softmax(logits.to(dtype), dim=-1).mean(dim=0)
+    p_mean = p_sum / n.clamp_min(1)
     return _global_gradient(E * (f * p_mean).sum(), world)
 
 
@@ -161,10 +195,10 @@ def auxiliary_losses(record: ForwardRecord, loss_cfg, target: torch.Tensor | Non
     out: dict[str, torch.Tensor] = {}
     if loss_cfg.router_similarity > 0:
         out[AUX_LOSS_NAMES["router_similarity"]] = torch.stack(
-            [router_similarity_loss(r.logits, r.mask, group=r.group) for r in _layers(record)]).mean()
+            [router_similarity_loss(r.logits, r.mask, group=r.group, method=r.global_select) for r in _layers(record)]).mean()
     if loss_cfg.balance > 0:
         out[AUX_LOSS_NAMES["balance"]] = torch.stack(
-            [balance_loss(r.logits, r.mask, group=r.group) for r in _layers(record)]).mean()
+            [balance_loss(r.logits, r.mask, group=r.group, method=r.global_select) for r in _layers(record)]).mean()
     if loss_cfg.z_loss > 0:
         out[AUX_LOSS_NAMES["z_loss"]] = torch.stack([z_loss(r.logits) for r in _layers(record)]).mean()
     if loss_cfg.per_layer_reg > 0:

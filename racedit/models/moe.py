@@ -34,11 +34,13 @@ from racedit.models.records import ForwardRecord, MoELayerRecord
 from racedit.models.routing import (
     BATCH_COUPLED,
     GATINGS,
+    GLOBAL_SELECT_METHODS,
     STRATEGIES,
     gate,
     gate_logits_fp32,
-    global_topk_mean_kth,
     grouped_topk,
+    select_global,
+    select_global_op,
     threshold_mask,
     update_threshold_,
     world_size,
@@ -94,7 +96,8 @@ class Router(nn.Module):
     trunk r = GELU(Linear(D, D)(x)), gating head logits = Linear(D, E)(r), gate values S = G(logits) with G
     the gating function (identity, sigmoid or softmax), then the selection:
     - training: the exact grouped top-K of `routing` over the batch (`routing.grouped_topk`), over the batch of
-      every rank of the default process group when race_scope="global";
+      every rank of the default process group when race_scope="global" (`routing.select_global` with
+      `global_select`: "radix" histograms or the "gather" reference, same result);
     - eval: S >= threshold when a threshold is given (batch-independent), else the training rule on the eval batch.
     The optional target head D -> p*p*C predicts each token's diffusion target from r; it feeds the per-layer
     regularization loss only, so it runs only in training forwards that fill a record.
@@ -104,7 +107,7 @@ class Router(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, k: int, routing: str = "expert_race", gating: str = "identity",
-                 race_scope: str = "local", target_dim: int = 0):
+                 race_scope: str = "local", target_dim: int = 0, global_select: str = "radix"):
         super().__init__()
         if routing not in STRATEGIES:
             raise ValueError(f"unknown routing {routing!r}; allowed: {list(STRATEGIES)}")
@@ -112,9 +115,12 @@ class Router(nn.Module):
             raise ValueError(f"unknown gating {gating!r}; allowed: {list(GATINGS)}")
         if race_scope not in ("local", "global"):
             raise ValueError(f"unknown race_scope {race_scope!r}; allowed: ['local', 'global']")
+        if global_select not in GLOBAL_SELECT_METHODS:
+            raise ValueError(f"unknown global_select {global_select!r}; allowed: {list(GLOBAL_SELECT_METHODS)}")
         check_k_in_e(k, num_experts)
         self.num_experts, self.k = num_experts, k
         self.routing, self.gating, self.race_scope = routing, gating, race_scope
+        self.global_select = global_select
         self.trunk = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"))
         self.gate_head = nn.Linear(dim, num_experts)
         self.target_head = nn.Linear(dim, target_dim) if target_dim > 0 else None
@@ -148,7 +154,8 @@ class Router(nn.Module):
         if self.training and predict_target and self.target_head is not None:
             target_pred = self.target_head(r).view(B, L, -1)
         return MoELayerRecord(logits=logits, scores=scores, mask=mask.reshape(B * L, self.num_experts),
-                              target_pred=target_pred, kth_score=kth, group=self.selection_group())
+                              target_pred=target_pred, kth_score=kth, group=self.selection_group(),
+                              global_select=self.global_select)
 
     def select(self, scores: torch.Tensor, threshold: torch.Tensor | None = None,
                threshold_ready: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,8 +165,10 @@ class Router(nn.Module):
         largest score; token choice has none (its selection does not depend on the batch).
         """
         if self.training:
-            if self.selection_group() is not None:
-                mask, kth = global_topk_mean_kth(scores.detach(), self.routing, self.k)
+            if self.race_scope == "global":
+                # compiled: the same call as a custom op, which keeps the collectives out of the graph
+                select = select_global_op if torch.compiler.is_compiling() else select_global
+                mask, kth = select(scores.detach(), self.routing, self.k, self.global_select)
             else:
                 mask, kth_per_group = grouped_topk(scores, self.routing, self.k)
                 kth = kth_per_group.float().mean()
@@ -197,13 +206,14 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, k: int, mlp_ratio: float = 4.0, routing: str = "expert_race",
                  gating: str = "identity", race_scope: str = "local", threshold_decay: float = 0.99,
-                 inference_routing: str = "threshold", target_dim: int = 0, layer_index: int = 0):
+                 inference_routing: str = "threshold", target_dim: int = 0, layer_index: int = 0,
+                 global_select: str = "radix"):
         super().__init__()
         if inference_routing not in ("threshold", "topk"):
             raise ValueError(f"unknown inference_routing {inference_routing!r}; allowed: ['threshold', 'topk']")
         if not 0.0 <= threshold_decay < 1.0:
             raise ValueError(f"threshold_decay must be in [0, 1), got {threshold_decay}")
-        self.router = Router(dim, num_experts, k, routing, gating, race_scope, target_dim)
+        self.router = Router(dim, num_experts, k, routing, gating, race_scope, target_dim, global_select)
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.threshold_decay, self.inference_routing = threshold_decay, inference_routing
         self.target_dim, self.layer_index = target_dim, layer_index

@@ -27,6 +27,7 @@ class MoELayerRecord:
     kth_score: torch.Tensor | None = None  # () the batch's K-th largest score (training, batch-coupled routing);
     # the inference threshold's EMA is updated from it after the backward (`moe.update_thresholds`)
     group: object | None = None  # process group the selection spanned (race_scope=global), for global losses
+    global_select: str = "radix"  # how the global losses reduce over `group`: radix (small sums) | gather
 
 
 @dataclass

@@ -17,6 +17,13 @@ deterministically in favour of the lower candidate index inside the group, where
 in the order of the table's candidate axes (for Expert Race: the flat (b, l, e) index, so the concatenated
 batch of several ranks breaks ties in rank order).
 
+Global scope (`select_global`): the selection over the batch concatenated from every rank, in rank order.
+For token, expert and LE choice each group lies inside one image, so that is the local selection; the
+groups of BL choice, BE choice and Expert Race span the ranks, and each rank holds one consecutive run of
+every group's candidates (the flat (b, l), (b, e) or (b, l, e) index with b running over the ranks in
+order). method="radix" finds their top-K from all_reduced digit histograms (`global_select.radix_topk`),
+method="gather" all-gathers the scores (the readable reference); both give the same mask and K-th value.
+
 The inference threshold (docs/method/threshold.md; the update rule is this project's, the paper gives
 none): for the batch-coupled strategies (all but token choice) each MoE layer keeps tau, an EMA of the
 training batch's K-th largest score; in eval mode a pair is selected when S >= tau, so a sample's routing
@@ -33,12 +40,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from racedit.models.global_select import (
+    RADIX_BITS,
+    default_group,
+    exact_mean,
+    global_batch,
+    radix_topk,
+    world_size,
+)
 from racedit.presets import selected_per_group
 
 STRATEGIES = ("token_choice", "expert_choice", "bl_choice", "be_choice", "le_choice", "expert_race")
 GATINGS = ("identity", "sigmoid", "softmax")
 # Strategies whose selection for one token depends on other tokens' scores; these keep a threshold.
 BATCH_COUPLED = tuple(s for s in STRATEGIES if s != "token_choice")
+# Strategies whose groups hold the candidates of several images, so under race_scope=global several ranks.
+SPANS_BATCH = ("bl_choice", "be_choice", "expert_race")
+GLOBAL_SELECT_METHODS = ("radix", "gather")
 
 
 def gate(logits: torch.Tensor, gating: str) -> torch.Tensor:
@@ -71,6 +89,17 @@ def group_layout(strategy: str, B: int, L: int, E: int, k: int) -> tuple[tuple[i
     return (*layout, K)
 
 
+def _to_groups(scores: torch.Tensor, perm: tuple[int, int, int], groups: int) -> torch.Tensor:
+    """S (B, L, E) -> (groups, candidates), detached, candidates in the strategy's order."""
+    return scores.detach().permute(perm).reshape(groups, -1)
+
+
+def _from_groups(chosen: torch.Tensor, shape: torch.Size, perm: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of `_to_groups` for a mask: (groups, candidates) -> (B, L, E)."""
+    inverse = [perm.index(i) for i in range(3)]
+    return chosen.reshape([shape[p] for p in perm]).permute(inverse).contiguous()
+
+
 def grouped_topk(scores: torch.Tensor, strategy: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact grouped top-K of S (B, L, E) -> (bool mask (B, L, E), K-th largest score of each group (groups,)).
 
@@ -81,29 +110,19 @@ def grouped_topk(scores: torch.Tensor, strategy: str, k: int) -> tuple[torch.Ten
         raise ValueError(f"scores must be (B, L, E), got shape {tuple(scores.shape)}")
     B, L, E = scores.shape
     perm, groups, candidates, K = group_layout(strategy, B, L, E, k)
-    permuted_shape = [scores.shape[p] for p in perm]
-    grouped = scores.detach().permute(perm).reshape(groups, candidates)
+    grouped = _to_groups(scores, perm, groups)
     # The smallest of an unsorted top-K is the K-th largest (measured faster than kthvalue on CPU).
     kth = grouped.topk(K, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
     above = grouped > kth
     tied = grouped == kth
     still_needed = K - above.sum(dim=1, keepdim=True)
     chosen = above | (tied & (tied.cumsum(dim=1) <= still_needed))
-    inverse = [perm.index(i) for i in range(3)]
-    mask = chosen.reshape(permuted_shape).permute(inverse).contiguous()
-    return mask, kth.squeeze(1)
+    return _from_groups(chosen, scores.shape, perm), kth.squeeze(1)
 
 
 def select(scores: torch.Tensor, strategy: str, k: int) -> torch.Tensor:
     """Training selection: bool mask (B, L, E) with exactly K pairs in each group of `strategy` (table above)."""
     return grouped_topk(scores, strategy, k)[0]
-
-
-def world_size(group) -> int:
-    """Ranks in `group`; 1 for group=None (no group) or without an initialised process group."""
-    if group is None or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
@@ -145,8 +164,7 @@ def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None)
     included. Ranks may hold different B (L and E must agree); without an initialised process group, or
     with one rank, this is `grouped_topk`. All ranks must call it together.
     """
-    if group is None:
-        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    group = default_group(group)
     if world_size(group) == 1:
         return grouped_topk(scores, strategy, k)
     try:
@@ -158,21 +176,53 @@ def grouped_topk_global(scores: torch.Tensor, strategy: str, k: int, group=None)
     return mask[start:start + scores.shape[0]], kth
 
 
-@torch.library.custom_op("racedit::global_topk_mean_kth", mutates_args=())
-def global_topk_mean_kth(scores: torch.Tensor, strategy: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`grouped_topk_global` over the default process group -> (mask (B, L, E) bool, mean over the global groups
-    of their K-th largest score () float32).
+def select_global(scores: torch.Tensor, strategy: str, k: int, group=None, method: str = "radix", *,
+                  radix_bits: int = RADIX_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training selection over the batch of every rank of `group` (default: the default process group):
+    S (B, L, E) of this rank -> (bool mask (B, L, E) of this rank, the batch's K-th largest score () float32).
+
+    The mask is this rank's slice of what one process holding the concatenated batch (rank order) selects,
+    ties included; ranks may hold different B, L and E must agree. The K-th score is what the inference
+    threshold moves by: for BL, BE choice and Expert Race the mean over groups of each group's K-th largest
+    score (the same floats on every rank); for token, expert and LE choice, whose groups are images, the
+    `exact_mean` of the groups' K-th scores over all ranks. method: "radix" (histogram all_reduces: a few KiB
+    whatever the world size) or "gather" (all-gather the scores: the readable reference). Without a process
+    group, or with one rank, this is `grouped_topk` on the local batch. All ranks must call it together.
+    radix_bits: digit bits per histogram round (8: 4 rounds of 256 bins for float32; 16: 2 of 65,536).
+    """
+    if method not in GLOBAL_SELECT_METHODS:
+        raise ValueError(f"unknown global selection method {method!r}; allowed: {list(GLOBAL_SELECT_METHODS)}")
+    group = default_group(group)
+    if world_size(group) == 1:
+        mask, kth = grouped_topk(scores, strategy, k)
+        return mask, kth.float().mean()
+    if method == "gather":
+        mask, kth = grouped_topk_global(scores, strategy, k, group)
+        return mask, (kth.float().mean() if strategy in SPANS_BATCH else exact_mean(kth))
+    if strategy not in SPANS_BATCH:  # every group inside one image: the local selection is the global one
+        mask, kth = grouped_topk(scores, strategy, k)
+        return mask, exact_mean(kth, group)
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be (B, L, E), got shape {tuple(scores.shape)}")
+    B, L, E = scores.shape
+    perm, groups, candidates, K = group_layout(strategy, global_batch(B, L, E, group, scores.device), L, E, k)
+    chosen, kth = radix_topk(_to_groups(scores, perm, groups), K, group, radix_bits, candidates)
+    return _from_groups(chosen, scores.shape, perm), kth.float().mean()
+
+
+@torch.library.custom_op("racedit::select_global", mutates_args=())
+def select_global_op(scores: torch.Tensor, strategy: str, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_global` over the default process group -> (mask (B, L, E) bool, the K-th score () float32).
 
     A custom op so that torch.compile keeps the collectives and their host reads (the ranks' batch sizes)
     out of the graph: its outputs have static shapes, and only the dispatch after it sees a data-dependent
     count.
     """
-    mask, kth = grouped_topk_global(scores, strategy, k)
-    return mask, kth.float().mean()
+    return select_global(scores, strategy, k, method=method)
 
 
-@global_topk_mean_kth.register_fake
-def _(scores, strategy, k):
+@select_global_op.register_fake
+def _(scores, strategy, k, method):
     return torch.empty_like(scores, dtype=torch.bool), scores.new_empty((), dtype=torch.float32)
 
 

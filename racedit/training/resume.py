@@ -7,12 +7,13 @@ Applied (the saved config.yaml and every later checkpoint record the new value, 
   step; the optimizer's moments are kept;
 - `train.ema_decay`, `loss.*` coefficients, `train.grad_clip`, `train.max_nonfinite`, `train.grad_accum` (the
   global batch is only split differently), `train.mixed_precision`, `train.grad_checkpointing`,
-  `train.compile`, `train.compile_mode`, `train.num_threads`;
+  `train.compile`, `train.compile_mode`, `train.num_threads`, `model.global_select` (how race_scope=global
+  communicates; both methods select the same pairs);
 - logging and outputs: `train.log_every`, `log_with`, `diagnostics_every`, `ckpt_every`, `keep_last`,
   `sample_every`, `eval_samples_per_class`, and `sample.*` (the grids).
 Free (not reported): `train.out_dir` (resuming another run's checkpoint into a new directory),
 `train.init_from` (unused on resume), `data.num_workers`, `data.latents` (moved), `data.vae` (decoding only).
-Refused: `model.*`, `diffusion.*`, other `data.*` (another model, objective or training set), `train.seed`
+Refused: `model.*` (but `model.global_select`), `diffusion.*`, other `data.*` (another model, objective or training set), `train.seed`
 and `train.global_batch` (the data order, noise and label dropout of every step), `train.betas` (the saved
 Adam moments were averaged, and are bias-corrected, with the old betas).
 """
@@ -29,6 +30,7 @@ from racedit.config import Config, ConfigError, config_diff
 FREE = frozenset({"train.out_dir", "train.init_from", "data.num_workers", "data.latents", "data.vae"})
 REFUSED_SECTIONS = ("model", "diffusion", "data")
 REFUSED_KEYS = frozenset({"train.seed", "train.global_batch", "train.betas"})
+APPLIED_MODEL_KEYS = frozenset({"model.global_select"})  # communication only: the same selection either way
 
 
 def resume_changes(saved: Config, cfg: Config, ckpt: Path, step: int) -> dict[str, tuple[Any, Any]]:
@@ -36,7 +38,8 @@ def resume_changes(saved: Config, cfg: Config, ckpt: Path, step: int) -> dict[st
     {key: (old, new)}; raises ConfigError (one line, every refused key) when any differing key is refused,
     or when `train.steps` is below the checkpoint's `step`."""
     diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in FREE}
-    refused = [k for k in diff if k.split(".")[0] in REFUSED_SECTIONS or k in REFUSED_KEYS]
+    refused = [k for k in diff if (k.split(".")[0] in REFUSED_SECTIONS and k not in APPLIED_MODEL_KEYS)
+               or k in REFUSED_KEYS]
     if refused:
         shown = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in refused)
         raise ConfigError(f"cannot resume from {ckpt}: {shown} would change the model, the objective, the data or "
