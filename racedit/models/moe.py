@@ -168,7 +168,7 @@ class Router(nn.Module):
             if self.race_scope == "global":
                 # compiled: the same call as a custom op, which keeps the collectives out of the graph
                 select = select_global_op if torch.compiler.is_compiling() else select_global
-                mask, kth = select(scores.detach(), self.routing, self.k, self.global_select)
+                mask, kth = select(scores.detach(), self.routing, self.k, method=self.global_select)
             else:
                 mask, kth_per_group = grouped_topk(scores, self.routing, self.k)
                 kth = kth_per_group.float().mean()
