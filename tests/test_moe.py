@@ -261,15 +261,9 @@ def test_a_forward_recomputed_under_activation_checkpointing_is_counted_once():
     assert checkpointed.tau.item() == pytest.approx(expected, abs=1e-6)  # ... and each batch counted once
 
 
-def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    """torch's addmm count (2 m k n) for the in-place addmm_ of the fused expert loop, which torch's flop
-    registry does not list."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
 def counted_flops(layer, u) -> int:
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter, \
-            torch.no_grad():
+    # the CPU expert kernel is a custom op; racedit registers its flop formula (moe_dispatch.py)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         layer(u)
     return counter.get_total_flops()
 
