@@ -34,22 +34,26 @@ def configure_dynamo() -> None:
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-def compile_model(model: DiT, mode: str = "default", unit: str = "model", backend: str = "inductor",
+def compile_model(model: DiT, mode: str = "default", unit: str = "model", backend: str | None = None,
                   dynamic: bool | None = None) -> DiT:
     """Compile `model` in place with `fullgraph=True` (`nn.Module.compile`: the module, its class, its state
     dict keys stay as they are) and return it. unit="model": one graph for the whole forward (and, in
     training, its backward); unit="block": one per `DiTBlock`, the embedders and the final layer eager.
 
-    mode: one of COMPILE_MODES. dynamic: torch.compile's; None marks a dimension dynamic only once it
-    changes (for sampling, another batch size B compiles once more, then never again).
+    mode: one of COMPILE_MODES (torch's modes, for its default backend, inductor). backend: None for torch's
+    default, or another of torch.compile's backends (tests trace with "aot_eager"). dynamic: torch.compile's;
+    None marks a dimension dynamic only once it changes (for sampling, another batch size B compiles once
+    more, then never again).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; allowed: {list(COMPILE_MODES)}")
     if unit not in COMPILE_UNITS:
         raise ValueError(f"unknown compile unit {unit!r}; allowed: {list(COMPILE_UNITS)}")
     configure_dynamo()
-    options = dict(fullgraph=True, backend=backend, dynamic=dynamic)
-    if backend == "inductor":
+    options = dict(fullgraph=True, dynamic=dynamic)
+    if backend is not None:
+        options["backend"] = backend
+    if mode != "default":  # torch's own default; a mode only applies to inductor
         options["mode"] = mode
     if unit == "model":
         model.compile(**options)
