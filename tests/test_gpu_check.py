@@ -85,3 +85,19 @@ def test_moe_rows_compare_with_the_dense_row_of_their_size(row, dense):
     from gpu_speed import TrainRow
 
     assert TrainRow(*row).dense_name == dense
+
+
+def test_a_failed_check_is_reported_and_stops_the_speed_rows(tmp_path, monkeypatch, capsys):
+    import gpu_correctness as C
+
+    def wrong(device, smoke):
+        raise C.CheckFailed("expert_race on cpu selects 3 pairs differently from the CPU")
+
+    monkeypatch.setattr(C, "check_selection", wrong)
+    monkeypatch.setattr(C, "check_digits_runs", lambda *a: {"notes": ["ran on CPU (smoke): stubbed"]})
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    statuses = {c["name"]: c["status"] for c in result["correctness"]}
+    assert len(statuses) == 6 and list(statuses.values()).count("FAIL") == 1  # the others still ran
+    assert result["status"] == "FAIL" and result["speed"] == []
+    assert "selects 3 pairs differently" in capsys.readouterr().out.rsplit("| check |", 1)[1]
