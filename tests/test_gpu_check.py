@@ -39,7 +39,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     # the table is printed last and names every row
     table = proc.stdout[proc.stdout.rindex("| row |"):]
     assert all(r["name"] in table for r in result["speed"] if r["kind"] != "ceilings")
-    assert (tmp_path / "gpu_check.md").read_text().count("| train ") == 7
+    assert (tmp_path / "gpu_check.md").read_text().count("| train ") == 6
 
 
 def test_budget_skips_what_does_not_fit_with_a_note():
@@ -47,9 +47,15 @@ def test_budget_skips_what_does_not_fit_with_a_note():
     assert rows[0]["kind"] == "ceilings" and rows[1]["name"] == "train DiT-XL/2 b64 eager"
     names = [r["name"] for r in rows]
     assert len(names) == len(set(names)) == 1 + 20 + 2 + 1  # ceilings, 5 models x 2 batches x 2 modes, 2 sampling
+    assert [r["kind"] for r in rows[3:6]] == ["sampling", "sampling", "train"]  # sampling before compiling
     assert gpu_check.fits(rows[1], elapsed=0, budget=420) is None
     note = gpu_check.fits(rows[1], elapsed=410, budget=420)
     assert note.startswith("skipped") and "10s of the 420s budget left" in note
+    compiled_xl = [r for r in rows if r["kind"] == "train" and r["row"].compiled and "XL" in r["name"]]
+    gpu_check._follow_compile_time(rows, compiled_xl[0], 40.0)  # the first compiled XL row took 40 s
+    assert {r["name"]: r["estimate_s"] for r in compiled_xl[1:]} == {
+        "train RaceDiT-XL/2-4in32 b64 compiled": 52.0, "train DiT-XL/2 b32 compiled": 40.0,
+        "train RaceDiT-XL/2-4in32 b32 compiled": 52.0}
 
 
 def test_offline_install_into_a_system_site_packages_venv(tmp_path):
