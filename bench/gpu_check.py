@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -181,7 +182,15 @@ def environment(device: torch.device) -> dict:
         except Exception as e:
             versions[name] = f"missing: {type(e).__name__}: {e}"
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-           "versions": versions, "device": str(device)}
+           "versions": versions, "device": str(device),
+           # inductor's GPU kernels need triton, and triton a C compiler for its launcher stub
+           "c_compiler": shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception as e:  # no triton: torch.compile's inductor cannot build GPU kernels
+        out["triton"] = f"missing: {type(e).__name__}"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         out.update(device_name=p.name, capability=f"{p.major}.{p.minor}", memory_gib=p.total_memory / 2**30,
@@ -194,7 +203,8 @@ def environment(device: torch.device) -> dict:
                          for dt in (torch.bfloat16, torch.float32) for traced in (False, True)}
     out["moe_kernel_eager_bf16"] = resolve_implementation("auto", device, torch.bfloat16, 1152, 1152)
     out["notes"] = [f"torch {torch.__version__}, {out['device_name']}, grouped_mm {out['grouped_mm']}, "
-                    f"eager bf16 MoE kernel {out['moe_kernel_eager_bf16']}"]
+                    f"eager bf16 MoE kernel {out['moe_kernel_eager_bf16']}, triton {out['triton']}, "
+                    f"C compiler {out['c_compiler']}"]
     missing = [n for n, v in versions.items() if v.startswith("missing")]
     if missing:
         raise RuntimeError(f"cannot import {missing}: {[versions[n] for n in missing]}")
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
     import gpu_correctness as C
 
     if args.smoke:
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(1)  # tiny models: one thread avoids wake-ups on every small op (as the demo does)
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
     report = Report(out, args)
     ok = report.stage("environment", environment, device)

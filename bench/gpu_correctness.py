@@ -156,10 +156,10 @@ def check_selection(device: torch.device, smoke: bool) -> dict:
     return {"compared": compared, "notes": notes}
 
 
-def _small_moe(device, smoke: bool, routing: str = "expert_race"):
+def _small_moe(device, smoke: bool, **options):
     size = dict(depth=2, hidden_size=64, num_heads=2, input_size=8) if smoke else \
         dict(depth=4, hidden_size=256, num_heads=4, input_size=16)
-    return create_model("RaceDiT-S/2-2in8", routing=routing, num_classes=10, **size).to(device)
+    return create_model("RaceDiT-S/2-2in8", num_classes=10, **size, **options).to(device)
 
 
 def _inputs(model, B: int, device, seed: int = 0):
@@ -228,7 +228,8 @@ class _RecordOps(TorchDispatchMode):
 
 
 def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
-    """The MoE training forward and backward (bf16 autocast, the training losses of the loop, Expert Race) make
+    """The MoE training forward and backward (bf16 autocast, the loop's training losses with every auxiliary router
+    loss on, Expert Race) make
     no device-to-host synchronisation: on CUDA inside torch.cuda.set_sync_debug_mode("error") after one warm-up
     step; on CPU the analogue: no host-reading op dispatched and no `.tolist()`, with the static kernel the
     accelerator would use (eager CPU's default, the fused loop, reads counts on the host by design)."""
@@ -238,8 +239,10 @@ def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
     from racedit.training.objective_step import training_losses
 
     torch.manual_seed(0)
-    model = _small_moe(device, smoke).train()
+    model = _small_moe(device, smoke, router_target_head=True).train()
     objective = DDPMObjective(learn_sigma=model.learn_sigma)
+    # every auxiliary router loss on, so their paths are checked too
+    losses = LossConfig(router_similarity=0.01, per_layer_reg=0.01, balance=0.01, z_loss=0.001)
     B = 8
     x0, _, y = _inputs(model, B, device)
     draws = MicroBatchDraws(t=torch.randint(0, 1000, (B,), device=device), noise=torch.randn_like(x0),
@@ -254,7 +257,7 @@ def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            terms = training_losses(model, objective, x0, y, draws, LossConfig(), ForwardRecord())
+            terms = training_losses(model, objective, x0, y, draws, losses, ForwardRecord())
         terms["loss"].backward()
         model.zero_grad(set_to_none=True)
 
@@ -296,6 +299,7 @@ def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path) 
 
     steps = 40 if smoke else 300
     runs, notes = {}, []
+    threads = torch.get_num_threads()  # the demo config sets train.num_threads=1 for the whole process
     for mode in ("eager", "compiled"):
         run_dir = out / f"digits-{mode}"
         shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run from an earlier call
@@ -318,6 +322,7 @@ def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path) 
                               f"need <= 0.7x)")
         notes.append(f"{mode}: {steps} steps in {result.seconds:.1f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
                      f"0 skipped")
+    torch.set_num_threads(threads)
     if device.type == "cpu":
-        notes.append("ran on CPU (smoke): bf16 autocast on CPU")
+        notes.append("ran on CPU (smoke): bf16 autocast on CPU, torch.compile with the aot_eager backend")
     return {"runs": runs, "notes": notes}
