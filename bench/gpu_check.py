@@ -30,6 +30,7 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -91,8 +92,8 @@ def fits(row: dict, elapsed: float, budget: float) -> str | None:
 class Report:
     """Stage results and speed rows, written to DIR/gpu_check.json and .md after every change."""
 
-    def __init__(self, out: Path, args):
-        self.out, self.t0 = out, time.perf_counter()
+    def __init__(self, out: Path, args, scratch: Path):
+        self.out, self.scratch, self.t0 = out, scratch, time.perf_counter()
         self.data = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": args.smoke,
                      "budget_s": args.budget_s, "correctness": [], "speed": [], "status": "running"}
 
@@ -242,7 +243,7 @@ def run_speed(report: Report, rows: list[dict], device: torch.device, smoke: boo
             elif row["kind"] == "sampling":
                 entry.update(S.sampling_row(row["model"], device, smoke, peak, batch=2 if smoke else 256))
             else:
-                entry.update(S.inception_row(device, smoke, report.out))
+                entry.update(S.inception_row(device, smoke, report.scratch))
             entry["status"] = "ok"
         except RowTimeout:
             entry["status"] = f"stopped after {limit}s (3x the estimate)"
@@ -297,14 +298,16 @@ def main(argv=None) -> int:
     if args.smoke:
         torch.set_num_threads(1)  # tiny models: one thread avoids wake-ups on every small op (as the demo does)
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
-    report = Report(out, args)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # runs and weights files: large, not results
+    report = Report(out, args, scratch)
     ok = report.stage("environment", environment, device)
     checks = [("dispatch vs reference (fwd+bwd, float32 and bf16)", C.check_dispatch, device, args.smoke),
               ("six strategies: device selection == CPU selection", C.check_selection, device, args.smoke),
               ("threshold routing: alone == in a batch of 16", C.check_threshold_batch_independence, device,
                args.smoke),
               ("no device-to-host sync in MoE training fwd+bwd", C.check_no_host_sync, device, args.smoke),
-              ("digits bf16 runs, eager and train.compile=true", C.check_digits_runs, device, args.smoke, out, ROOT)]
+              ("digits bf16 runs, eager and train.compile=true", C.check_digits_runs, device, args.smoke, out, ROOT,
+               scratch)]
     if ok:  # every check runs (one window shows every failure); any failure stops the run before the speed rows
         ok = all([report.stage(name, fn, *fn_args) for name, fn, *fn_args in checks])
     if ok or (args.keep_going and report.data["correctness"][0]["status"] == "pass"):
@@ -314,6 +317,7 @@ def main(argv=None) -> int:
     report.data["status"] = "pass" if ok else "FAIL"
     report.write()
     print("\n" + report.markdown(), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nresults: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}", flush=True)
     return 0 if ok else 1
 

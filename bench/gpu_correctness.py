@@ -290,9 +290,10 @@ def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
     return {"notes": notes}
 
 
-def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path) -> dict:
+def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path, scratch: Path) -> dict:
     """The demo model on the digits in bf16 through the training loop, eager and with train.compile=true: no
-    non-finite step, and the logged loss falls (the last logged loss at most 0.7x the first)."""
+    non-finite step, and the logged loss falls (the last logged loss at most 0.7x the first). The runs live in
+    `scratch`; their metrics.csv and last sample grid are copied to `out`."""
     from racedit.config import load_config
     from racedit.training.loop import train
     from racedit.training.metrics import read_metrics
@@ -301,8 +302,7 @@ def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path) 
     runs, notes = {}, []
     threads = torch.get_num_threads()  # the demo config sets train.num_threads=1 for the whole process
     for mode in ("eager", "compiled"):
-        run_dir = out / f"digits-{mode}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run from an earlier call
+        run_dir = scratch / f"digits-{mode}"  # checkpoints stay out of the results folder, which travels back
         overrides = [f"train.steps={steps}", "train.mixed_precision=bf16", f"train.compile={mode == 'compiled'}",
                      f"train.out_dir={run_dir}", "train.eval_samples_per_class=0", "train.log_with=none",
                      f"train.log_every={steps // 10}", "train.ckpt_every=0"]
@@ -312,6 +312,11 @@ def check_digits_runs(device: torch.device, smoke: bool, out: Path, root: Path) 
         cfg = load_config(root / "configs" / "demo.yaml", overrides)
         result = train(cfg)
         _, rows = read_metrics(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "metrics.csv", out / f"digits-{mode}-metrics.csv")
+        grids = sorted((run_dir / "samples").glob("*.png"))
+        if grids:
+            shutil.copy(grids[-1], out / f"digits-{mode}-grid.png")
         losses = [r["loss"] for r in rows if "loss" in r]
         runs[mode] = {"seconds": result.seconds, "skipped_steps": result.skipped_steps, "losses": losses,
                       "final_loss": result.last_loss}

@@ -40,6 +40,8 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     table = proc.stdout[proc.stdout.rindex("| row |"):]
     assert all(r["name"] in table for r in result["speed"] if r["kind"] != "ceilings")
     assert (tmp_path / "gpu_check.md").read_text().count("| train ") == 6
+    # what travels back from the GPU machine stays small: results, metrics and grids, no checkpoints or weights
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) < 2**20
 
 
 def test_budget_skips_what_does_not_fit_with_a_note():
