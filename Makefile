@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/verify.py
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) runs .cache .gpu
 
 # The GPU run (README "On a GPU"): gpu-wheels here, where a registry is reachable; gpu-check on the GPU machine,
 # offline (bench/gpu_check.sh: a venv over the system's torch, the wheels, racedit, then bench/gpu_check.py).
