@@ -51,6 +51,13 @@ install_into() {
             || { rm -rf "$venv"; "$PYTHON" -m venv --system-site-packages --without-pip "$venv"; }
     fi
     local py="$venv/bin/python"
+    if ! "$py" -c "import torch" 2> /dev/null && "$PYTHON" -c "import torch" 2> /dev/null; then
+        # $PYTHON is itself a venv's (or a user site's): --system-site-packages reaches its base interpreter, not
+        # where torch is. Its own paths go after the venv's, so the wheels installed below still come first.
+        "$PYTHON" -c "import site, sysconfig; p = sysconfig.get_paths(); \
+print('\n'.join(dict.fromkeys([*site.getsitepackages(), site.getusersitepackages(), p['purelib'], p['platlib']])))" \
+            > "$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_gpu_check_system.pth"
+    fi
     "$py" -m pip --version > /dev/null || { echo "error: no pip for $py (neither in the venv nor the system)" >&2; exit 2; }
     local pipi=("$py" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --no-warn-script-location)
     "${pipi[@]}" --force-reinstall "$WHEELS"/*.whl

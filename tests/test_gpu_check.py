@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -61,24 +60,22 @@ def test_budget_skips_what_does_not_fit_with_a_note():
 
 
 def test_offline_install_into_a_system_site_packages_venv(tmp_path):
-    """`make gpu-wheels`, then the script's install step. The scratch venv's "system" is this interpreter's base
-    Python, with this environment's site-packages appended by a .pth (the GPU image's torch & co.): the wheels
-    and racedit must then be imported from the scratch venv itself, which shadows what the .pth adds."""
+    """`make gpu-wheels`, then the script's install step with PYTHON=this (venv) interpreter: the scratch venv's
+    --system-site-packages then reach the base Python only, so the script adds this environment's site-packages
+    after its own (the GPU image's torch & co.). The wheels and racedit must come from the scratch venv itself."""
     subprocess.run(["make", "-s", "gpu-wheels", f"PY={sys.executable}"], cwd=ROOT, check=True, timeout=300)
     wheels = sorted(p.name for p in (ROOT / ".gpu" / "wheels").glob("*.whl"))
     assert {w.split("-")[0] for w in wheels} >= {"diffusers", "omegaconf", "antlr4_python3_runtime", "torch_fidelity"}
     assert all(w.endswith("-none-any.whl") for w in wheels)
     assert sum(p.stat().st_size for p in (ROOT / ".gpu" / "wheels").glob("*.whl")) < 16 * 2**20
     venv = tmp_path / "venv"
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    site = next(venv.glob("lib/python*/site-packages"))
-    (site / "zz_image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # PYTHON is this environment's interpreter, a venv's like many GPU images': the script must reach its torch
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--install", str(venv)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    probe = ("import racedit, diffusers, omegaconf, torch_fidelity, antlr4, racedit.models, racedit.diffusion.samplers;"
+    site = next(venv.glob("lib/python*/site-packages"))
+    probe = ("import torch, racedit, diffusers, omegaconf, torch_fidelity, antlr4, racedit.models, racedit.diffusion.samplers;"
              "print('\\n'.join(m.__file__ for m in (racedit, diffusers, omegaconf, torch_fidelity, antlr4)))")
     files = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
