@@ -67,8 +67,8 @@ print('\n'.join(dict.fromkeys([*site.getsitepackages(), site.getusersitepackages
     cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/racedit" "$src/"
     "${pipi[@]}" --no-build-isolation --force-reinstall "$src"
     rm -rf "$src"
-    # what comes from where: the wheels and racedit from the venv, the rest from the system
-    "$py" - <<'PY'
+    # what comes from where (from /, so no checkout shadows the install): the wheels and racedit from the venv
+    (cd / && "$py" - <<'PY'
 import importlib, sys
 for name in ("racedit", "diffusers", "omegaconf", "torch_fidelity", "torch"):
     try:
@@ -78,6 +78,7 @@ for name in ("racedit", "diffusers", "omegaconf", "torch_fidelity", "torch"):
         print(f"  {name:15s} NOT IMPORTABLE: {type(e).__name__}: {e}")
 print(f"  python          {sys.version.split()[0]:12s} {sys.executable}")
 PY
+    )
 }
 
 case "${1:-}" in
