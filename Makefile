@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,4 +33,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/verify.py
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) runs .cache .gpu
+
+# The GPU run (README "On a GPU"): gpu-wheels here, where a registry is reachable; gpu-check on the GPU machine,
+# offline (bench/gpu_check.sh: a venv over the system's torch, the wheels, racedit, then bench/gpu_check.py).
+GPU_WHEELS := .gpu/wheels
+
+gpu-wheels: $(GPU_WHEELS)/.complete
+
+$(GPU_WHEELS)/.complete: constraints.txt bench/gpu_check.sh
+	PYTHON=$(PY) bench/gpu_check.sh --wheels $(GPU_WHEELS)
+	touch $@
+
+gpu-check:
+	bench/gpu_check.sh $(GPU_CHECK_ARGS)
