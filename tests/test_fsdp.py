@@ -1,0 +1,158 @@
+"""train.distributed=fsdp on 2 CPU processes (gloo): equal to DDP, sharded checkpoints that resume on 2 and 1
+processes and as DDP (and DDP checkpoints as FSDP), sample exactly as DDP-saved weights, and name a bad shard.
+
+One 2-process job (module fixture) runs every multi-process case; the tests read what it left.
+
+The model is a tiny Race-DiT with everything FSDP must carry: MoE layers routed by a global Expert Race, the
+z-loss, hyper-connections, an UltraMemV2 memory layer
+(its pre-filter refresh needs the whole cores) and, under FSDP, activation checkpointing (recomputing a
+block is exact on CPU, so it changes no number; DDP runs without it: DDP's find_unused_parameters, needed for
+MoE layers, refuses a non-reentrant checkpoint's second gradient hook). The race is global and the two
+z-loss is a token mean, so a step's losses do not depend on how the batch is split over processes:
+that is what lets one process continue a 2-process run.
+
+Tolerance, and why not bitwise: FSDP reduce-scatters gradients where DDP all-reduces them (gloo sums, and
+divides by the world size, in another order), AdamW runs on shards (the same elementwise arithmetic), and the
+gradient norm is a sum of per-shard squares; one process sums the whole batch's gradient in autograd rather
+than over processes. These differ in the last bits of float32 (about 1e-7 relative) and ten Adam steps
+amplify them little: losses within rel 1e-5, weights within rtol 1e-4 / atol 1e-5 (what the DDP tests use).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_config, run_gloo_workers
+from PIL import Image
+
+from racedit.checkpoint import CheckpointError, load_weights, save_checkpoint, verify_checkpoint
+from racedit.cli import main as racedit_main
+from racedit.training.loop import train
+
+RACE = ["model.moe_experts=4", "model.moe_k=1", "model.routing=expert_race", "model.race_scope=global",
+        "loss.z_loss=0.001",
+        "model.connections=hyper", "model.memory=ultramemv2", "model.memory_keys=8", "model.memory_topk=4",
+        "train.steps=10", "train.ckpt_every=5", "train.keep_last=5",
+        "sample.steps=2"]
+FSDP = ["train.distributed=fsdp", "train.grad_checkpointing=true"]  # DDP cannot checkpoint MoE blocks (below)
+STEP = 5  # where the runs that resume start
+
+
+def config(out_dir, *overrides):
+    return make_tiny_config(out_dir, *RACE, *overrides)
+
+
+def ckpt(root, step):
+    return root / "checkpoints" / f"step_{step:07d}"
+
+
+# run name -> (overrides, the checkpoint it resumes from); every one a 2-process job of its own
+JOBS = {"ddp": ([], None), "fsdp": (FSDP, None), "fsdp_on_2": (FSDP, ("fsdp", STEP))}
+# and on one process, in the test's own: FSDP on 1, DDP (on 1) from FSDP, FSDP (on 1) from DDP
+SINGLE = {"fsdp_on_1": (FSDP, ("fsdp", STEP)), "fsdp_as_ddp": ([], ("fsdp", STEP)),
+          "ddp_as_fsdp": (FSDP, ("ddp", STEP))}
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    run = Path(out_dir)
+    overrides, source = JOBS[run.name]
+    train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])))
+    torch.save({}, run / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    for name in JOBS:  # one job per run: accelerate's end_training ends a process's group
+        run_gloo_workers(worker, root / name, world=2, timeout=300)
+    for name, (overrides, (source, step)) in SINGLE.items():
+        train(config(root / name, *overrides), resume=str(ckpt(root / source, step)))
+    return root
+
+
+def losses(run_dir) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
+    for which in ("model", "ema"):
+        a, b = load_weights(ckpt_a, which), load_weights(ckpt_b, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")
+
+
+def test_fsdp_equals_ddp_over_ten_steps(runs):
+    ddp, fsdp = losses(runs / "ddp"), losses(runs / "fsdp")
+    assert len(ddp) == len(fsdp) == 10  # only the main process logs
+    assert fsdp == pytest.approx(ddp, rel=1e-5)
+    assert_close_weights(ckpt(runs / "fsdp", 10), ckpt(runs / "ddp", 10))
+    # every process wrote its shard; the consolidated weights sit beside them
+    shards = sorted(p.name for p in (ckpt(runs / "fsdp", 10) / "shards").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.parametrize("resumed", ["fsdp_on_2", "fsdp_on_1", "fsdp_as_ddp"])
+def test_fsdp_checkpoint_resumes_on_other_shapes(runs, resumed):
+    uninterrupted = losses(runs / "fsdp")
+    assert losses(runs / resumed) == pytest.approx(uninterrupted[STEP:], rel=1e-5)
+    assert_close_weights(ckpt(runs / resumed, 10), ckpt(runs / "fsdp", 10))
+
+
+def test_ddp_checkpoint_resumes_as_fsdp(runs):
+    assert losses(runs / "ddp_as_fsdp") == pytest.approx(losses(runs / "ddp")[STEP:], rel=1e-5)
+    assert_close_weights(ckpt(runs / "ddp_as_fsdp", 10), ckpt(runs / "ddp", 10))
+
+
+def test_fsdp_checkpoint_samples_as_the_same_weights_saved_by_ddp(runs, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded = ckpt(runs / "fsdp", 10)
+    # the weights as the shards hold them, read by torch's own converter (not racedit's consolidation)
+    dcp_to_torch_save(sharded / "shards", tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    for which in ("model", "ema"):
+        consolidated = load_weights(sharded, which)
+        assert all(torch.equal(consolidated[k], whole[which][k]) for k in consolidated)
+    # the same weights saved by the DDP path (the main process's whole state dicts)
+    ddp_saved = save_checkpoint(tmp_path / "ddp_saved", 10, model_state=whole["model"], ema_state=whole["ema"],
+                                train_state={"step": 10}, config=config(runs / "fsdp", *FSDP))
+    for which in ("model", "ema"):
+        a, b = load_weights(sharded, which), load_weights(ddp_saved, which)
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), which
+    grids = []
+    for source in (sharded, ddp_saved):
+        out = tmp_path / f"{source.parent.parent.name}.png"
+        assert racedit_main(["sample", "--ckpt", str(source), "--out", str(out), "--classes", "0", "1", "--per-class", "2"]) == 0
+        with Image.open(out) as image:  # the pixels (the PNG's text metadata names its checkpoint)
+            grids.append(np.asarray(image).copy())
+    assert np.array_equal(grids[0], grids[1])
+
+
+def test_damaged_or_missing_shard_is_named(runs, tmp_path):
+    for damage in ("truncate", "delete"):
+        bad = tmp_path / damage / "step_0000005"
+        shutil.copytree(ckpt(runs / "fsdp", STEP), bad)
+        shard = bad / "shards" / "__1_0.distcp"
+        if damage == "truncate":
+            shard.write_bytes(shard.read_bytes()[:-10])
+        else:
+            shard.unlink()
+        with pytest.raises(CheckpointError) as e:
+            verify_checkpoint(bad)
+        line = str(e.value)
+        assert "\n" not in line and "shards/__1_0.distcp" in line
+        assert ("missing" if damage == "delete" else "bytes") in line
+        with pytest.raises(CheckpointError, match="shards/__1_0.distcp"):  # refused before training starts
+            train(config(tmp_path / f"resume_{damage}", *FSDP), resume=str(bad))
