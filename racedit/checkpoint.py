@@ -90,11 +90,13 @@ def start_staging(ckpt_root: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_state: dict, train_state: dict,
-                    config: Config, keep_last: int = 2, staged: Path | None = None) -> Path:
+                    config: Config, keep_last: int = 2, staged: Path | None = None,
+                    shard_entries: dict[str, dict] | None = None) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically, point `last` at it, prune old ones.
 
     `staged`: the `start_staging` directory, already holding the `shards/` that every process wrote; they are
-    listed in the manifest with the files written here and published with them in the one rename."""
+    listed in the manifest with the files written here and published with them in the one rename.
+    `shard_entries`: their manifest entries, hashed and fsynced by the processes that wrote them."""
     root = Path(ckpt_root)
     final = root / step_dir_name(step)
     tmp = staged if staged is not None else start_staging(root, step)
@@ -113,7 +115,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
         for name in (*FILES, *shards):
             apply_umask(tmp / name)  # safetensors creates its files 0600
         with writing(final / "manifest.json"):
-            write_manifest(tmp, [*FILES, *shards], FORMAT)  # last: hashes and fsyncs every file, then itself
+            # last: hashes and fsyncs every file (but the shards hashed already), then itself
+            write_manifest(tmp, [*FILES, *shards], FORMAT, known=shard_entries)
         if shards:
             fsync_dir(tmp / SHARDS)
         fsync_dir(tmp)

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from racedit.checkpoint import SHARDS, CheckpointError, save_checkpoint, start_staging, verify_checkpoint
 from racedit.config import Config
+from racedit.fileio import file_entry
 from racedit.training.sharding import is_sharded
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole, on the main process's CPU
@@ -71,14 +72,17 @@ def save_training_checkpoint(ckpt_root: Path, step: int, *, is_main: bool, model
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "ema": get_model_state_dict(ema_module), "optimizer": optimizer_state},
              checkpoint_id=staged / SHARDS)
+    # each process hashes (and fsyncs) the shard files it wrote, in parallel; the main process lists them
+    own = {f"{SHARDS}/{p.name}": file_entry(p) for p in sorted((staged / SHARDS).glob(f"__{dist.get_rank()}_*"))}
+    entries = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, own)
     full_model = get_model_state_dict(model, options=FULL)  # collectives: every process takes part
     full_ema = get_model_state_dict(ema_module, options=FULL)
-    dist.barrier()  # every shard is closed before the main process hashes and publishes them
     if not is_main:
         return None
     return save_checkpoint(ckpt_root, step, model_state=full_model, ema_state=full_ema,
                            train_state={**train_state, "optimizer": "shards"}, config=config, keep_last=keep_last,
-                           staged=staged)
+                           staged=staged, shard_entries={k: v for e in entries for k, v in e.items()})
 
 
 def _load_shards(ckpt: Path, state: dict) -> None:
@@ -87,7 +91,8 @@ def _load_shards(ckpt: Path, state: dict) -> None:
     while a freshly initialised optimizer state lists every parameter."""
     verify_checkpoint(ckpt, [SHARDS])
     try:
-        dcp.load(state, checkpoint_id=ckpt / SHARDS, planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(state, checkpoint_id=ckpt / SHARDS, planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=not _distributed())  # a DDP run on one process has no process group
     except Exception as e:  # DCP's own error for a shard that verification could not see (verification off)
         raise CheckpointError(f"{ckpt / SHARDS} cannot be read ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from None
