@@ -54,11 +54,16 @@ def ckpt(root, step):
 
 # run name -> (overrides, the checkpoint it resumes from); every one a 2-process job of its own. The FSDP run
 # resumed on 2 processes stops after 3 steps (its losses are compared; the weights at the end on 1 process)
-JOBS = {"ddp": ([], None), "fsdp": (FSDP, None), "fsdp_on_2": (FSDP, ("fsdp", STEP))}
+# the per-layer regularization (router target heads; 2-process DDP cannot train it: its unused-parameter
+# search starts from the output, which the heads do not feed) with frac-connections, 3 steps, against one process
+PER_LAYER = ["model.router_target_head=true", "loss.per_layer_reg=0.1", "model.connections=frac",
+             "train.steps=3", "train.ckpt_every=0"]
+JOBS = {"ddp": ([], None), "fsdp": (FSDP, None), "fsdp_on_2": (FSDP, ("fsdp", STEP)),
+        "fsdp_per_layer": ([*FSDP, *PER_LAYER], None)}
 RESUMED_STEPS = {"fsdp_on_2": 3}
 # and on one process, in the test's own: FSDP on 1, DDP (on 1) from FSDP, FSDP (on 1) from DDP
 SINGLE = {"fsdp_on_1": (FSDP, ("fsdp", STEP)), "fsdp_as_ddp": ([], ("fsdp", STEP)),
-          "ddp_as_fsdp": (FSDP, ("ddp", STEP))}
+          "ddp_as_fsdp": (FSDP, ("ddp", STEP)), "one_per_layer": (PER_LAYER, None)}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -78,8 +83,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     for name in JOBS:  # one job per run: accelerate's end_training ends a process's group
         run_gloo_workers(worker, root / name, world=2, timeout=300)
-    for name, (overrides, (source, step)) in SINGLE.items():
-        train(config(root / name, *overrides), resume=str(ckpt(root / source, step)))
+    for name, (overrides, source) in SINGLE.items():
+        train(config(root / name, *overrides), resume=source and str(ckpt(root / source[0], source[1])))
     return root
 
 
@@ -118,6 +123,12 @@ def test_fsdp_checkpoint_resumes_on_other_shapes(runs, resumed):
 def test_ddp_checkpoint_resumes_as_fsdp(runs):
     assert losses(runs / "ddp_as_fsdp") == pytest.approx(losses(runs / "ddp")[STEP:], rel=1e-5)
     assert_close_weights(ckpt(runs / "ddp_as_fsdp", 10), ckpt(runs / "ddp", 10))
+
+
+def test_fsdp_trains_the_per_layer_regularization_as_one_process(runs):
+    sharded, one = losses(runs / "fsdp_per_layer"), losses(runs / "one_per_layer")
+    assert len(sharded) == 3 and sharded == pytest.approx(one, rel=1e-5)
+    assert_close_weights(ckpt(runs / "fsdp_per_layer", 3), ckpt(runs / "one_per_layer", 3))
 
 
 def test_fsdp_checkpoint_samples_as_the_same_weights_saved_by_ddp(runs, tmp_path):
