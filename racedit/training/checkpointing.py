@@ -17,6 +17,7 @@ sharding and distributes the saved optimizer state (keyed by parameter name) ove
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,8 +92,10 @@ def _load_shards(ckpt: Path, state: dict) -> None:
     while a freshly initialised optimizer state lists every parameter."""
     verify_checkpoint(ckpt, [SHARDS])
     try:
-        dcp.load(state, checkpoint_id=ckpt / SHARDS, planner=DefaultLoadPlanner(allow_partial_load=True),
-                 no_dist=not _distributed())  # a DDP run on one process has no process group
+        with warnings.catch_warnings():  # a DDP run on one process has no process group: intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt / SHARDS, planner=DefaultLoadPlanner(allow_partial_load=True),
+                     no_dist=not _distributed())
     except Exception as e:  # DCP's own error for a shard that verification could not see (verification off)
         raise CheckpointError(f"{ckpt / SHARDS} cannot be read ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from None
