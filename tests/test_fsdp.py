@@ -62,18 +62,19 @@ PER_LAYER = ["model.router_target_head=true", "loss.per_layer_reg=0.1", "model.c
 JOBS = {"ddp": ([], None), "fsdp": (FSDP, None), "fsdp_on_2": (FSDP, ("fsdp", STEP)),
         "fsdp_per_layer": ([*FSDP, *PER_LAYER], None)}
 RESUMED_STEPS = {"fsdp_on_2": 3}
-# and on one process, in the test's own: FSDP on 1, DDP (on 1) from FSDP, FSDP (on 1) from DDP
+# and one-process jobs: FSDP on 1, DDP (on 1) from FSDP, FSDP (on 1) from DDP
 SINGLE = {"fsdp_on_1": (FSDP, ("fsdp", STEP)), "fsdp_as_ddp": ([], ("fsdp", STEP)),
           "ddp_as_fsdp": (FSDP, ("ddp", STEP)), "one_per_layer": (PER_LAYER, None)}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-                      OMP_NUM_THREADS="1")
+    if world > 1:  # what a launcher puts in the environment; one process is a plain `racedit train`
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
+                          OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     run = Path(out_dir)
-    overrides, source = JOBS[run.name]
+    overrides, source = {**JOBS, **SINGLE}[run.name]
     train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])),
           stop_after=RESUMED_STEPS.get(run.name))
     torch.save({}, run / f"rank{rank}.pt")
@@ -84,8 +85,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     for name in JOBS:  # one job per run: accelerate's end_training ends a process's group
         run_gloo_workers(worker, root / name, world=2, timeout=300)
-    for name, (overrides, source) in SINGLE.items():
-        train(config(root / name, *overrides), resume=source and str(ckpt(root / source[0], source[1])))
+    # in a child too: a backward here, in the test's process, would leave autograd's threads, which later
+    # forked workers (of any test) cannot use
+    for name in SINGLE:
+        run_gloo_workers(worker, root / name, world=1, timeout=300)
     return root
 
 
@@ -173,3 +176,12 @@ def test_damaged_or_missing_shard_is_named(runs, tmp_path):
         assert ("missing" if damage == "delete" else "bytes") in line
         with pytest.raises(CheckpointError, match="shards/__1_0.distcp"):  # refused before training starts
             train(config(tmp_path / f"resume_{damage}", *FSDP), resume=str(bad))
+
+
+def test_distributed_key_is_checked_at_load(tmp_path):
+    from racedit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'train.distributed'.*\['ddp', 'fsdp'\]"):
+        make_tiny_config(tmp_path, "train.distributed=zero3")
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16 with train.distributed=fsdp"):
+        make_tiny_config(tmp_path, "train.distributed=fsdp", "train.mixed_precision=fp16")
