@@ -73,6 +73,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                           LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
                           OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    # forked: accelerate's state made by earlier tests in the parent would make every worker process 0 of 1
+    AcceleratorState._reset_state(reset_partial_state=True)
     run = Path(out_dir)
     overrides, source = {**JOBS, **SINGLE}[run.name]
     train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])),
