@@ -1,15 +1,11 @@
 """train.distributed=fsdp on 2 CPU processes (gloo): equal to DDP, sharded checkpoints that resume on 2 and 1
 processes and as DDP (and DDP checkpoints as FSDP), sample exactly as DDP-saved weights, and name a bad shard.
 
-One 2-process job (module fixture) runs every multi-process case; the tests read what it left.
+A module fixture runs every training job once (forked workers, 2 or 1 processes); the tests read what they left.
 
 The model is a tiny Race-DiT with everything FSDP must carry: MoE layers routed by a global Expert Race, the
-z-loss, hyper-connections, an UltraMemV2 memory layer
-(its pre-filter refresh needs the whole cores) and, under FSDP, activation checkpointing (recomputing a
-block is exact on CPU, so it changes no number; DDP runs without it: DDP's find_unused_parameters, needed for
-MoE layers, refuses a non-reentrant checkpoint's second gradient hook). The race is global and the two
-z-loss is a token mean, so a step's losses do not depend on how the batch is split over processes:
-that is what lets one process continue a 2-process run.
+z-loss, hyper-connections, an UltraMemV2 memory layer (its pre-filter refresh needs the whole cores) and
+activation checkpointing (every run, DDP and FSDP).
 
 Tolerance, and why not bitwise: FSDP reduce-scatters gradients where DDP all-reduces them (FSDP divides
 by the world size before the sum, DDP after), the gradient norm is a sum of per-shard squares, and one
@@ -37,11 +33,10 @@ from racedit.cli import main as racedit_main
 from racedit.training.loop import train
 
 RACE = ["model.moe_experts=4", "model.moe_k=1", "model.routing=expert_race", "model.race_scope=global",
-        "loss.z_loss=0.001",
-        "model.connections=hyper", "model.memory=ultramemv2", "model.memory_keys=8", "model.memory_topk=4",
-        "train.steps=10", "train.ckpt_every=5", "train.keep_last=5",
+        "loss.z_loss=0.001", "model.connections=hyper", "model.memory=ultramemv2", "model.memory_keys=8", "model.memory_topk=4",
+        "train.grad_checkpointing=true", "train.steps=10", "train.ckpt_every=5", "train.keep_last=5",
         "sample.steps=2"]
-FSDP = ["train.distributed=fsdp", "train.grad_checkpointing=true"]  # DDP cannot checkpoint MoE blocks (below)
+FSDP = ["train.distributed=fsdp"]
 STEP = 5  # where the runs that resume start
 
 
