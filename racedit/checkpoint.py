@@ -5,6 +5,9 @@ Layout of one checkpoint directory `checkpoints/step_XXXXXXX/`:
   ema.safetensors     EMA weights (sampling uses these by default)
   state.pt            optimizer, LR schedule, step, RNG states, data position; loads with weights_only=True
   config.yaml         the resolved run config
+  shards/             only with train.distributed=fsdp: the sharded model, EMA and optimizer state written by
+                      torch.distributed.checkpoint, one `__<rank>_0.distcp` per process and `.metadata`
+                      (state.pt then holds no optimizer); model/ema.safetensors are the consolidated weights
   manifest.json       the size and SHA-256 of each file above, and a digest of its own entries; written last
 It is written into a temporary directory beside it (`.tmp-<pid>-step_XXXXXXX`), every file and the
 directory fsynced, and renamed into place (the parent fsynced after); then `checkpoints/last` (a symbolic
@@ -47,6 +50,7 @@ from racedit.runlock import pid_alive
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+SHARDS = "shards"  # the directory of a sharded checkpoint's per-process files
 FORMAT = "racedit-checkpoint/1"  # the manifest's format, also in the safetensors headers' metadata
 
 
@@ -69,16 +73,34 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_state: dict, train_state: dict,
-                    config: Config, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` under `ckpt_root` atomically, point `last` at it, prune old ones."""
-    root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{os.getpid()}-{final.name}"  # the pid: `clean_leftovers` removes only dead writers'
-    old = root / f".old-{final.name}-{os.getpid()}"
+def staging_dir(ckpt_root: str | Path, step: int, pid: int | None = None) -> Path:
+    """The temporary directory checkpoint `step` is written into before it is renamed into place, named after
+    the publishing process (`pid`, default this one): `clean_leftovers` removes only dead writers' copies."""
+    return Path(ckpt_root) / f".tmp-{os.getpid() if pid is None else pid}-{step_dir_name(step)}"
+
+
+def start_staging(ckpt_root: str | Path, step: int) -> Path:
+    """Make (afresh) this process's staging directory of checkpoint `step`, for files other processes write
+    into it before `save_checkpoint(..., staged=...)` publishes it (the shards of a sharded checkpoint)."""
+    Path(ckpt_root).mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(ckpt_root, step)
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own earlier attempt (a pid names one writer)
     tmp.mkdir()  # mode 0777 & ~umask
+    return tmp
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_state: dict, train_state: dict,
+                    config: Config, keep_last: int = 2, staged: Path | None = None,
+                    shard_entries: dict[str, dict] | None = None) -> Path:
+    """Write checkpoint `step` under `ckpt_root` atomically, point `last` at it, prune old ones.
+
+    `staged`: the `start_staging` directory, already holding the `shards/` that every process wrote; they are
+    listed in the manifest with the files written here and published with them in the one rename.
+    `shard_entries`: their manifest entries, hashed and fsynced by the processes that wrote them."""
+    root = Path(ckpt_root)
+    final = root / step_dir_name(step)
+    tmp = staged if staged is not None else start_staging(root, step)
+    old = root / f".old-{final.name}-{os.getpid()}"
     try:
         # writing(): an I/O error (a full disk) names the file; torch.save to a Python file keeps its errno
         with writing(final / "model.safetensors"):
@@ -89,10 +111,14 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model_state: dict, ema_
             torch.save(train_state, f)
         with writing(final / "config.yaml"):
             (tmp / "config.yaml").write_text(to_yaml(config))
-        for name in FILES:
+        shards = sorted(p.relative_to(tmp).as_posix() for p in (tmp / SHARDS).rglob("*") if p.is_file())
+        for name in (*FILES, *shards):
             apply_umask(tmp / name)  # safetensors creates its files 0600
         with writing(final / "manifest.json"):
-            write_manifest(tmp, list(FILES), FORMAT)  # last: hashes and fsyncs every file, then itself
+            # last: hashes and fsyncs every file (but the shards hashed already), then itself
+            write_manifest(tmp, [*FILES, *shards], FORMAT, known=shard_entries)
+        if shards:
+            fsync_dir(tmp / SHARDS)
         fsync_dir(tmp)
         if final.exists():
             # Re-saving a step: a directory cannot be replaced in one rename, so `last` names the new copy
@@ -193,9 +219,9 @@ def _written_with_manifest(ckpt: Path) -> bool:
     return False
 
 
-def checkpoint_problem(ckpt: str | Path, names: tuple[str, ...] | list[str] = FILES) -> str | None:
-    """None when the files `names` of checkpoint `ckpt` match its manifest, else what is wrong, starting with
-    the file's name. Also None with verification off (RACEDIT_VERIFY=0) and for a checkpoint of an older
+def checkpoint_problem(ckpt: str | Path, names: tuple[str, ...] | list[str] | None = None) -> str | None:
+    """None when the files `names` of checkpoint `ckpt` (default: all, FILES and any shards) match its
+    manifest, else what is wrong, starting with the file's name. Also None with verification off (RACEDIT_VERIFY=0) and for a checkpoint of an older
     racedit (no manifest, none expected), which is warned about once on stderr."""
     ckpt = Path(ckpt)
     if verify_level() == 0:
@@ -212,6 +238,10 @@ def checkpoint_problem(ckpt: str | Path, names: tuple[str, ...] | list[str] = FI
             print(f"warning: {ckpt} has no {MANIFEST} (saved by an older racedit): its files are not verified",
                   file=sys.stderr)
         return None
+    if names is None:
+        names = [*FILES, *(n for n in sorted(manifest["files"]) if n.startswith(f"{SHARDS}/"))]
+    elif SHARDS in names:  # the shards: every file the manifest lists under shards/
+        names = [n for n in sorted(manifest["files"]) if n.startswith(f"{SHARDS}/")]
     for name in names:
         if problem := file_problem(ckpt, name, manifest):
             return problem
@@ -246,7 +276,7 @@ def newest_verified_checkpoint(ckpt_root: str | Path, exclude: Path | None = Non
     return None, skipped
 
 
-def verify_checkpoint(ckpt: str | Path, names: tuple[str, ...] | list[str] = FILES) -> None:
+def verify_checkpoint(ckpt: str | Path, names: tuple[str, ...] | list[str] | None = None) -> None:
     """Raise CheckpointError unless the files `names` of `ckpt` verify (see `checkpoint_problem`). The one line
     names the file, what is wrong and what to do: the newest checkpoint beside it that verifies, or delete it."""
     ckpt = Path(ckpt)

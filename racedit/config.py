@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 # the checks between values live in config_checks (below this module); re-exported here, where callers look
 from racedit.config_checks import check_batch_layout as check_batch_layout
-from racedit.config_checks import check_data, check_losses, check_quota, validate_memory
+from racedit.config_checks import check_data, check_distributed, check_losses, check_quota, validate_memory
 from racedit.config_checks import check_moe_shape as check_moe_shape
 from racedit.config_checks import check_sample as check_sample
 from racedit.config_checks import check_sampling_batch as check_sampling_batch
@@ -143,6 +143,9 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
     compile: bool = False  # torch.compile the model as one graph (racedit.models.compiling)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # ddp: every process holds the whole model (DistributedDataParallel); fsdp: parameters, gradients, AdamW
+    # state and the EMA sharded over the processes (FSDP2), checkpoints written per process (racedit.training.sharding)
+    distributed: str = "ddp"
     seed: int = 0  # global seed (data order, noise, init)
     log_every: int = 50  # steps between metric rows (metrics.csv and the train.log_with trackers)
     # experiment trackers fed through accelerate besides metrics.csv: one of accelerate's tracker names
@@ -271,6 +274,7 @@ def validate(cfg: DictConfig | Config) -> None:
     if not str(tc.out_dir).strip():
         raise ConfigError("bad value for 'train.out_dir': ''. Must name the run directory")
     check_losses(cfg)
+    check_distributed(cfg)
     check_batch_layout(cfg)
     check_data(cfg)
 

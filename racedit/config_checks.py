@@ -109,6 +109,12 @@ def check_losses(cfg: Any) -> None:
         raise ConfigError("loss.per_layer_reg > 0 needs the router target heads: set model.router_target_head=true")
 
 
+def check_distributed(cfg: Any) -> None:
+    if cfg.train.distributed == "fsdp" and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 with train.distributed=fsdp: use bf16 (sharded training keeps "
+                          "float32 master weights and reduces gradients in float32) or no")
+
+
 def check_data(cfg: Any) -> None:
     """The data against the batch and the end-of-run evaluation (what can be known before reading any data)."""
     d, tc = cfg.data, cfg.train

@@ -141,16 +141,22 @@ def _entries_digest(fmt: str, files: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"format": fmt, "files": files}, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(directory: str | Path, names: list[str], fmt: str) -> dict:
+def file_entry(path: str | Path) -> dict:
+    """A manifest entry {bytes, sha256} of a file, fsynced in the same pass that hashes it."""
+    digest = sha256_of(path, fsync=True)
+    return {"bytes": Path(path).stat().st_size, "sha256": digest}
+
+
+def write_manifest(directory: str | Path, names: list[str], fmt: str, known: Mapping[str, dict] | None = None) -> dict:
     """Hash (and fsync) each file `names` of `directory` in one streaming pass, then write and fsync
     `directory/manifest.json`: {format, files: {name: {bytes, sha256}}, manifest_sha256}. Call it last,
-    before the rename that publishes the directory. Returns the manifest."""
+    before the rename that publishes the directory. `known`: entries (`file_entry`) already made, by the
+    processes that wrote those files, in parallel. Returns the manifest."""
     directory = Path(directory)
+    known = known or {}
     files = {}
     for name in names:
-        path = directory / name
-        digest = sha256_of(path, fsync=True)
-        files[name] = {"bytes": path.stat().st_size, "sha256": digest}
+        files[name] = dict(known[name]) if name in known else file_entry(directory / name)
     manifest = {"format": fmt, "files": files, "manifest_sha256": _entries_digest(fmt, files)}
     with open(directory / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)

@@ -108,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("digits", "latents"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.distributed": ("ddp", "fsdp"),
     "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
 }
 

@@ -467,7 +467,7 @@ def test_writers_on_a_really_full_disk_name_the_file(tmp_path):
 
 def test_a_full_disk_at_a_checkpoint_save_names_it_and_the_intact_last_good_one(disk, monkeypatch, capsys,
                                                                                  quiet_training):
-    import racedit.training.loop as loop
+    import racedit.training.checkpointing as loop  # where the training loop's saves call save_checkpoint
 
     run_dir = disk.root / "run"
     config = tiny_yaml(disk.root.parent / "tiny.yaml", run_dir)

@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from racedit.config import ConfigError
 from racedit.models.records import ForwardRecord
@@ -215,7 +216,10 @@ class TuckerRetrieval(nn.Module):
         """Recompute the rank-1 pre-filter (u, t) from the SVD of the summed cores, outside autograd."""
         if self.cores.is_meta:  # shape-only model (parameter counting)
             return
-        core = self.cores.detach().sum(1).double()  # (n_head, r, r)
+        cores = self.cores.detach()
+        if isinstance(cores, DTensor):  # sharded by FSDP: every process gathers the whole (small) cores
+            cores = cores.full_tensor()
+        core = cores.sum(1).double()  # (n_head, r, r)
         left, _, right_t = torch.linalg.svd(core)
         u, t = left[..., :, 0], right_t[..., 0, :]
         flip = (u * self.prefilter_u.double()).sum(-1) < 0  # keep the sign of the previous step

@@ -11,7 +11,7 @@ C input channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,18 +30,24 @@ class MoELayerRecord:
     global_select: str = "radix"  # how the global losses reduce over `group`: radix (small sums) | gather
 
 
-@dataclass
 class ForwardRecord:
     """Filled during one `DiT.forward`; read by the losses and the diagnostics, then dropped.
 
     `moe` is always filled (the losses need it). The diagnostics-only fields, `block_output_norms` and
     `memory`, are filled only when `diagnostics` is set, so ordinary training steps do not pay for them.
+
+    A plain class, not a dataclass: FSDP2 rebuilds the dataclass (and dict) arguments of a sharded block's
+    forward around the tensors in them that need gradients, so a dataclass record would reach each block as a
+    copy and the layers' entries would be lost (`racedit.training.sharding`). A plain object passes as it is.
     """
 
-    diagnostics: bool = False
-    moe: dict[int, MoELayerRecord] = field(default_factory=dict)  # block index -> record
-    block_output_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> (2,) attn/ff branch norms
-    memory: dict[int, dict] = field(default_factory=dict)  # block index -> memory-layer statistics
+    def __init__(self, diagnostics: bool = False, moe: dict[int, MoELayerRecord] | None = None,
+                 block_output_norms: dict[int, torch.Tensor] | None = None, memory: dict[int, dict] | None = None):
+        self.diagnostics = diagnostics
+        self.moe: dict[int, MoELayerRecord] = {} if moe is None else moe  # block index -> record
+        # block index -> (2,) attn/ff branch norms
+        self.block_output_norms: dict[int, torch.Tensor] = {} if block_output_norms is None else block_output_norms
+        self.memory: dict[int, dict] = {} if memory is None else memory  # block index -> memory-layer statistics
 
     def moe_layers(self) -> list[MoELayerRecord]:
         """MoE records in block order."""

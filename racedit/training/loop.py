@@ -8,6 +8,7 @@ saved model/optimizer/EMA state: on CPU a resumed run repeats the uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import signal
@@ -31,7 +32,6 @@ from racedit.checkpoint import (
     load_weights,
     resolve_checkpoint,
     resume_checkpoint,
-    save_checkpoint,
     verify_checkpoint,
 )
 from racedit.config import Config, ConfigError, check_batch_layout, check_sampling_batch, to_yaml
@@ -47,6 +47,11 @@ from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, t
 from racedit.runlock import lock_on_main
 from racedit.sampling import sample_images, save_grid
 from racedit.signals import Interrupted, StopSignals
+from racedit.training.checkpointing import (
+    restore_optimizer,
+    save_training_checkpoint,
+    weights_load_before_sharding,
+)
 from racedit.training.metrics import MetricsLogger, flat_config, trackers
 from racedit.training.objective_step import training_losses
 from racedit.training.resume import (
@@ -54,6 +59,14 @@ from racedit.training.resume import (
     describe_changes,
     fresh_hyperparameters,
     resume_changes,
+)
+from racedit.training.sharding import (
+    ema_update_,
+    full,
+    gathered_copy,
+    process_group,
+    set_gradient_sync,
+    shard_model,
 )
 
 # (cfg, EMA model, objective, device) -> {metric: value}; see `train`
@@ -166,7 +179,8 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     with StopSignals("this optimizer step and its checkpoint", announce=accelerator.is_main_process) as stop:
         try:
             check_batch_layout(cfg, accelerator.num_processes)  # the config was checked for one process
-            with lock_on_main(accelerator, tc.out_dir, "train.out_dir"):  # one writer per run directory
+            with (lock_on_main(accelerator, tc.out_dir, "train.out_dir"),  # one writer per run directory
+                  process_group(accelerator.device, accelerator.num_processes, tc.distributed == "fsdp")):
                 return _train(accelerator, cfg, resume, stop_after, evaluate, stop)
         finally:  # on every way out (done, stopped, diverged, interrupted) the trackers flush and close
             accelerator.end_training()
@@ -216,35 +230,45 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
 
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tc.ema_decay), use_buffers=True)
     ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
-    warmup = max(tc.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # one schedule per group (memory tables scale their own LR)
-        optimizer, [group_lr_lambda(g, warmup, tc.steps) for g in optimizer.param_groups])
+    sharded = tc.distributed == "fsdp"
 
     start_step, skipped_total = 0, 0
     changes: dict = {}
     if ckpt is not None:
         state = load_train_state(ckpt)
         changes = resume_changes(load_config_of(ckpt), cfg, ckpt, int(state["step"]))
-        load_into(model, load_weights(ckpt, "model"), f"checkpoint {ckpt} (model)")
-        load_into(ema.module, load_weights(ckpt, "ema"), f"checkpoint {ckpt} (ema)")
+        if weights_load_before_sharding(ckpt, sharded):
+            load_into(model, load_weights(ckpt, "model"), f"checkpoint {ckpt} (model)")
+            load_into(ema.module, load_weights(ckpt, "ema"), f"checkpoint {ckpt} (ema)")
+    elif tc.init_from:  # fine-tuning: a converted, upcycled or earlier model's EMA weights, fresh optimizer
+        source = resolve_checkpoint(tc.init_from)
+        load_into(model, load_weights(source, "ema"), f"train.init_from={tc.init_from} (EMA weights)")
+    if ckpt is None:
+        ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
+    if sharded:  # the EMA is sharded like the model, unit for unit (see racedit.training.sharding)
+        shard_model(model, device, tc.mixed_precision)
+        shard_model(ema.module, device, tc.mixed_precision)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    warmup = max(tc.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # one schedule per group (memory tables scale their own LR)
+        optimizer, [group_lr_lambda(g, warmup, tc.steps) for g in optimizer.param_groups])
+    if ckpt is not None:
         fresh = fresh_hyperparameters(optimizer)
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(ckpt, state, model, ema.module, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         adopt_hyperparameters(optimizer, scheduler, fresh)  # this config's lr schedule and weight decay
         ema.n_averaged.fill_(int(state["ema_n_averaged"]))
         torch.set_rng_state(state["torch_rng"])
         start_step, skipped_total = int(state["step"]), int(state["skipped_steps"])
-    else:
-        if tc.init_from:  # fine-tuning: a converted, upcycled or earlier model's EMA weights, fresh optimizer
-            source = resolve_checkpoint(tc.init_from)
-            load_into(model, load_weights(source, "ema"), f"train.init_from={tc.init_from} (EMA weights)")
-        ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
 
     ema.to(device)
     loader = data.loader(order, start_step, device)
     train_model = compile_model(model, tc.compile_mode) if tc.compile else model  # in place: train_model is model
-    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+    if sharded:  # the model is FSDP's: accelerate wraps the optimizer only, autocast is applied below
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        train_model, optimizer = accelerator.prepare(train_model, optimizer)
+    forward_precision = accelerator.autocast if sharded else contextlib.nullcontext
     randomness = StepRandomness(objective, tc.seed, tc.global_batch, accelerator.num_processes,
                                 accelerator.process_index, tc.grad_accum, model.config.class_dropout_prob,
                                 model.num_classes)
@@ -262,16 +286,19 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         if changes:
             accelerator.print(f"resuming with changed settings (applied): {describe_changes(changes)}")
 
-    def save(step: int) -> Path | None:
-        if not is_main:
-            return None
-        return save_checkpoint(ckpt_root, step, model_state=accelerator.unwrap_model(model).state_dict(),
-                               ema_state=ema.module.state_dict(), config=cfg, keep_last=tc.keep_last,
-                               train_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                            "step": step, "skipped_steps": skipped_total,
-                                            "ema_n_averaged": int(ema.n_averaged),
-                                            "torch_rng": torch.get_rng_state(),
-                                            "data_position": order.position(step)})
+    def save(step: int) -> Path | None:  # every process calls it: an FSDP checkpoint is written by all
+        return save_training_checkpoint(
+            ckpt_root, step, is_main=is_main, model=model, ema_module=ema.module, optimizer=optimizer, config=cfg,
+            keep_last=tc.keep_last, train_state={"scheduler": scheduler.state_dict(), "step": step,
+                                                 "skipped_steps": skipped_total, "ema_n_averaged": int(ema.n_averaged),
+                                                 "torch_rng": torch.get_rng_state(),
+                                                 "data_position": order.position(step)})
+
+    def ema_for_sampling() -> torch.nn.Module | None:
+        """The EMA model whole on the main process (gathered from the shards under FSDP: collective)."""
+        if not sharded:
+            return ema.module if is_main else None
+        return gathered_copy(ema.module, lambda: create_model(cfg.model), is_main)
 
     last_good = ckpt
     resume_cmd = _resume_command(out_dir, accelerator.num_processes)
@@ -311,15 +338,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
             x0, y = next(loader)
             draws = randomness.for_micro_batch(step, accum_index, x0.shape[1:], device)
             with accelerator.accumulate(train_model):
+                set_gradient_sync(model, accelerator.sync_gradients)  # FSDP: reduce-scatter on the last only
                 record = ForwardRecord(diagnostics=diagnose and accum_index == tc.grad_accum - 1)
-                terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
+                with forward_precision():
+                    terms = training_losses(train_model, objective, x0, y, draws, cfg.loss, record)
                 accelerator.backward(terms["loss"])
                 kth_scores.append(record.kth_scores())  # read after any recomputation in the backward
                 for k, v in terms.items():  # kept on the device: no host sync per term
                     terms_acc[k] = terms_acc.get(k, 0.0) + v.detach().double() / tc.grad_accum
                 if accelerator.sync_gradients:
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(train_model.parameters(), max_norm)
+                    grad_norm = full(accelerator.clip_grad_norm_(train_model.parameters(), max_norm))
                     # the step's one collective and one host sync: every logged term, averaged over the
                     # processes (the whole global batch's losses), whether any process was asked to stop
                     # (a fill, no copy from the host), and the gradient norm (already global)
@@ -346,7 +375,10 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         update_thresholds(model, kth_scores)
         if finite:
             scheduler.step()
-            ema.update_parameters(accelerator.unwrap_model(model))
+            if sharded:
+                ema_update_(ema.module, model, tc.ema_decay, ema.n_averaged)
+            else:
+                ema.update_parameters(accelerator.unwrap_model(model))
             ema.module.after_optimizer_step()  # the EMA's pre-filter follows its own averaged cores
             consecutive_bad = 0
             last_loss = terms_acc["loss"]
@@ -383,9 +415,11 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
             accelerator.wait_for_everyone()
         if stopping:
             break
-        if is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and not stop.requested:
-            with stop.abandon_on_signal():  # a signal ends the grid; the next step stops the run
-                _sample_grid(cfg, ema.module, objective, codec, out_dir / "samples" / f"step_{step:07d}.png", device)
+        if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            sampler = ema_for_sampling()
+            if is_main and not stop.requested:
+                with stop.abandon_on_signal():  # a signal ends the grid; the next step stops the run
+                    _sample_grid(cfg, sampler, objective, codec, out_dir / "samples" / f"step_{step:07d}.png", device)
     bar.close()
     if stopping and step < tc.steps:
         raise interrupted(f"at step {step}: saved {last_good}" if not consecutive_bad else
@@ -398,13 +432,14 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         if ckpt is None or step > start_step or ckpt.parent != ckpt_root.resolve():
             last_good = save(step) or last_good
         accelerator.wait_for_everyone()
+        sampler = ema_for_sampling() if not stopping else None
         if is_main and not stopping:  # the agreed stop, the same on every process
             with stop.abandon_on_signal():
                 grid = out_dir / "samples" / f"step_{step:07d}.png"
-                _sample_grid(cfg, ema.module, objective, codec, grid, device)
+                _sample_grid(cfg, sampler, objective, codec, grid, device)
                 summary["grid"] = str(grid)
                 if evaluate is not None and tc.eval_samples_per_class and cfg.data.kind == "digits":
-                    summary.update(evaluate(cfg, ema.module, objective, device))
+                    summary.update(evaluate(cfg, sampler, objective, device))
                     logger.log(step, {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)})
         if stopping or stop.requested:  # the model is complete; what the end of the run makes comes on a resume
             raise interrupted(f"after the last step ({step}): saved {last_good}; the end-of-run sample grid "
