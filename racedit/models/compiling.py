@@ -38,7 +38,8 @@ def compile_model(model: DiT, mode: str = "default", unit: str = "model", backen
                   dynamic: bool | None = None) -> DiT:
     """Compile `model` in place with `fullgraph=True` (`nn.Module.compile`: the module, its class, its state
     dict keys stay as they are) and return it. unit="model": one graph for the whole forward (and, in
-    training, its backward); unit="block": one per `DiTBlock`, the embedders and the final layer eager.
+    training, its backward); unit="block": one per `DiTBlock`'s forward, the embedders, the final layer and
+    module hooks eager (what FSDP needs: its hooks gather and free each block's shards, and are not traced).
 
     mode: one of COMPILE_MODES (torch's modes, for its default backend, inductor). backend: None for torch's
     default, or another of torch.compile's backends (tests trace with "aot_eager"). dynamic: torch.compile's;
@@ -65,5 +66,6 @@ def compile_model(model: DiT, mode: str = "default", unit: str = "model", backen
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     for block in model.blocks:
-        block.compile(**options)
+        # the forward only: module hooks (FSDP2's gather and reshard of the block's shards) stay eager
+        block.forward = torch.compile(block.forward, **options)
     return model

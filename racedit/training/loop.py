@@ -263,7 +263,9 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
 
     ema.to(device)
     loader = data.loader(order, start_step, device)
-    train_model = compile_model(model, tc.compile_mode) if tc.compile else model  # in place: train_model is model
+    if tc.compile:  # in place; under FSDP per block, whose sharding hooks stay outside the graphs
+        compile_model(model, tc.compile_mode, unit="block" if sharded else "model")
+    train_model = model
     if sharded:  # the model is FSDP's: accelerate wraps the optimizer only, autocast is applied below
         optimizer = accelerator.prepare(optimizer)
     else:
