@@ -19,8 +19,9 @@ The experts run through one of (`IMPLEMENTATIONS`, chosen at run time by `resolv
 - "grouped_mm": torch's grouped matmul (`F.grouped_mm`, or `torch._grouped_mm` on older builds), autograd-native;
   offsets on the device. The accelerator's kernel, wherever the build supports the operands.
 - "expert_loop": the custom op `racedit::expert_mlp` (forward and backward), one matmul per expert on slices
-  read from the counts on the host. Opaque to the compiler, so it serves eager and compiled CPU alike; on CPU
-  it measured faster than the grouped matmul (bench/moe_step.py, docs/benchmarks.md).
+  read from the counts on the host. Opaque to the compiler, so it serves eager and compiled CPU alike (torch's
+  float32 grouped matmul cannot be traced on CPU); in eager mode it measured level with the grouped matmul
+  (bench/moe_step.py, docs/benchmarks.md).
 - "padded_bmm": rows scattered into an (E, N, D) buffer (an expert holds at most N pairs, one per token) and
   two batched matmuls: static and free of host reads, but E/k times the expert FLOPs. Only where an
   accelerator's grouped matmul refuses the operands (e.g. float32) under torch.compile.
@@ -92,7 +93,7 @@ def resolve_implementation(implementation: str, device: torch.device, dtype: tor
                            hidden: int) -> str:
     """The expert kernel "auto" stands for here (the others pass through):
 
-    CPU -> "expert_loop" (faster than the grouped matmul there, and a host read costs nothing); an accelerator
+    CPU -> "expert_loop" (a host read costs nothing there, and compiled CPU steps need it); an accelerator
     -> "grouped_mm" where the build supports the operands (under torch.compile: also its meta kernel), else
     "padded_bmm" while compiling (static, no host reads) and "expert_loop" in eager mode (no extra FLOPs).
     """
@@ -202,7 +203,7 @@ def expert_mlp(rows: torch.Tensor, expert_index: torch.Tensor, counts: torch.Ten
 
     A custom op so torch.compile keeps it whole: the slices come from a host read of `counts`, which costs
     nothing on CPU, and only the matmuls run per expert (in place into buffers that start as the gathered
-    biases). Used on CPU, where it measured faster than torch's grouped matmul (docs/benchmarks.md).
+    biases). Used on CPU, eager and compiled (docs/benchmarks.md).
     """
     with torch.autocast(device_type=rows.device.type, enabled=False):
         pre = b1.index_select(0, expert_index)
