@@ -23,6 +23,7 @@ from racedit.config import LossConfig
 from racedit.diffusion.draws import MicroBatchDraws
 from racedit.diffusion.objectives import DDPMObjective
 from racedit.models import count_macs, create_model
+from racedit.models.compiling import compile_model
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.training.loop import param_groups
@@ -122,7 +123,7 @@ def train_row(row: TrainRow, device: torch.device, smoke: bool, peak_tflops: flo
     model = build(row.model, device, smoke).train()
     objective = DDPMObjective(learn_sigma=model.learn_sigma)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
-    fn = torch.compile(model) if row.compiled else model
+    fn = compile_model(model) if row.compiled else model  # in place, fullgraph: what train.compile does
     B = row.batch
     x0 = torch.randn(B, model.in_channels, model.input_size, model.input_size, device=device)
     y = torch.randint(0, model.num_classes, (B,), device=device)

@@ -2,12 +2,13 @@
 
     python bench/moe_step.py                      # CPU: DiT-S/2 vs RaceDiT-S/2-2in8 and -4in32, batch 8
     python bench/moe_step.py --iters 20 --no-memory
+    python bench/moe_step.py --only-compiled --compile-units model block   # eager vs compiled, both units
 
 One run prints markdown tables. Train step = forward (with a ForwardRecord, as in training) + backward +
 AdamW step + the inference thresholds' update. Models are timed in interleaved rounds (dense, MoE, MoE,
 dense, ...) so a change in machine load hits every model alike; the tables give medians. A second train-step
-table and the layer table time each MoE model with each dispatch kernel, "[fused_loop]" (the eager CPU default,
-per-expert loop on host-read counts) against "[grouped_mm]" (the static path: no host reads, torch's grouped
+table and the layer table time each MoE model with each dispatch kernel, "[expert_loop]" (the CPU default,
+the racedit::expert_mlp custom op: per-expert matmuls on host-read counts) against "[grouped_mm]" (the static path: no host reads, torch's grouped
 matmul), side by side. Peak memory is
 the peak resident set of a fresh subprocess running two train steps of one model (CPU), or
 torch.cuda.max_memory_allocated (GPU). When CUDA is available, a second table gives bf16-autocast
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from racedit.models import count_params, create_model  # noqa: E402
+from racedit.models.compiling import compile_model  # noqa: E402
 from racedit.models.moe import MoEFeedForward, update_thresholds  # noqa: E402
 from racedit.models.records import ForwardRecord  # noqa: E402
 
@@ -51,9 +53,9 @@ CONNECTION_TABLES = tuple(tuple([base] + [f"{base} + {opt}" for opt in CONNECTIO
                           for base in ("DiT-S/2", "RaceDiT-S/2-2in8"))
 
 
-# Dispatch kernels compared side by side (racedit/models/moe_dispatch.py): the fused per-expert loop (host-read
+# Dispatch kernels compared side by side (racedit/models/moe_dispatch.py): the per-expert loop (host-read
 # counts) against the static path (no host reads) with torch's grouped matmul.
-DISPATCH_KERNELS = ("fused_loop", "grouped_mm")
+DISPATCH_KERNELS = ("expert_loop", "grouped_mm")
 DISPATCH_MODELS = tuple(f"{name} [{kernel}]" for name in CPU_MODELS[1:] for kernel in DISPATCH_KERNELS)
 
 
@@ -225,6 +227,39 @@ def model_table(names: tuple[str, ...], args, device: torch.device, bf16: bool) 
               f"{1e3 * args.batch / t['wall_ms']:.1f} |{mem}")
 
 
+def compiled_table(args, device: torch.device) -> None:
+    """Eager against compiled train steps (`racedit.models.compiling.compile_model`, inductor, fullgraph) of the
+    CPU models, timed side by side; compile time (the first compiled step, less a median eager step) apart."""
+    import torch._dynamo
+
+    # every model and unit keeps its own cache entries of the same forward code
+    torch._dynamo.config.cache_size_limit = 1024
+    steps, compile_s = {}, {}
+    for name in CPU_MODELS:
+        steps[name] = TrainStep(name, args.batch, device, False)
+        for unit in args.compile_units:
+            step = TrainStep(name, args.batch, device, False)
+            compile_model(step.model, mode=args.compile_mode, unit=unit)
+            start = time.perf_counter()
+            step()
+            compile_s[f"{name} compiled/{unit}"] = time.perf_counter() - start
+            steps[f"{name} compiled/{unit}"] = step
+    times = timed_rounds(steps, args.warmup, args.iters, device)
+    dense = CPU_MODELS[0]
+    print(f"\n### Train step (fwd + bwd + AdamW), eager and compiled (mode {args.compile_mode}), batch {args.batch}, "
+          f"{device.type}\n")
+    print("| model | step ms (median wall) | / eager | / dense, same mode | compile s (first step) |")
+    print("|---|---|---|---|---|")
+    for name in CPU_MODELS:
+        for label in (name, *(f"{name} compiled/{unit}" for unit in args.compile_units)):
+            t = times[label]["wall_ms"]
+            same_mode = label.replace(name, dense, 1)
+            first = compile_s.get(label)
+            first = f"{first - times[name]['wall_ms'] / 1e3:.1f}" if first is not None else "-"
+            print(f"| {label} | {t:.1f} | {t / times[name]['wall_ms']:.3f} | {t / times[same_mode]['wall_ms']:.3f} | "
+                  f"{first} |")
+
+
 def layer_table(args, device: torch.device) -> None:
     from racedit.models.dit import FeedForward
 
@@ -264,6 +299,11 @@ def main() -> None:
     parser.add_argument("--connections", action="store_true",
                         help="also time dense and Race-DiT S/2 with SHCx2, DHCx2 and DFCx4 connections")
     parser.add_argument("--only-connections", action="store_true", help="only the connections tables")
+    parser.add_argument("--compiled", action="store_true", help="also time compiled train steps (inductor)")
+    parser.add_argument("--only-compiled", action="store_true", help="only the eager-vs-compiled table")
+    parser.add_argument("--compile-units", nargs="+", default=["model"], choices=["model", "block"],
+                        help="compile the whole model and/or each block (default: model)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -275,10 +315,16 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"# bench/moe_step.py\n\n{machine_line(cpu)}")
     print(f"command: python bench/moe_step.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.only_compiled:
+        compiled_table(args, cpu)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        return
     if not args.only_connections:
         layer_table(args, cpu)
         model_table(CPU_MODELS, args, cpu, bf16=False)
         model_table(CPU_MODELS[:1] + DISPATCH_MODELS, args, cpu, bf16=False)
+    if args.compiled:
+        compiled_table(args, cpu)
     if args.connections or args.only_connections:
         for names in CONNECTION_TABLES:  # the "/ dense" column is then the overhead over the residual model
             model_table(names, args, cpu, bf16=False)

@@ -141,7 +141,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of weights, updated every optimizer step
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model as one graph (racedit.models.compiling)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     # ddp: every process holds the whole model (DistributedDataParallel); fsdp: parameters, gradients, AdamW
     # state and the EMA sharded over the processes (FSDP2), checkpoints written per process (racedit.training.sharding)
     distributed: str = "ddp"

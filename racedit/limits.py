@@ -107,6 +107,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.flow_t_sampling": ("uniform", "logit_normal"),
     "data.kind": ("digits", "latents"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.distributed": ("ddp", "fsdp"),
     "sample.sampler": tuple(s for samplers in SAMPLERS.values() for s in samplers),
 }

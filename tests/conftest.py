@@ -46,6 +46,18 @@ def tiny_config(tmp_path):
     return make
 
 
+def pytest_collection_modifyitems(config, items):
+    """The compile tests run last, their fork-based gloo test first among them: once a process has run a
+    compiled backward, torch's autograd refuses to run a backward in a child forked from it, and the
+    multi-process fixtures (`run_gloo_workers`) fork."""
+    def order(item) -> int:
+        if item.module.__name__ != "test_compile":
+            return 0
+        return 1 if "two_processes" in item.name else 2
+
+    items.sort(key=order)  # stable: the order inside each group is kept
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
     with socket.socket() as s:

@@ -80,10 +80,10 @@ def test_static_grouped_mm_equals_reference_float32(strategy, gating, shape, ske
 
 
 @pytest.mark.parametrize(("strategy", "gating", "shape", "skew"), CASES)
-def test_fused_loop_equals_reference_float64(strategy, gating, shape, skew):
+def test_expert_loop_equals_reference_float64(strategy, gating, shape, skew):
     k, E = SHAPES[shape]["k"], SHAPES[shape]["E"]
     x, logits, scores, mask, experts = routed(strategy, gating, torch.float64, k, E, skew)
-    out = dispatch(x, mask, scores, experts, implementation="fused_loop")
+    out = dispatch(x, mask, scores, experts, implementation="expert_loop")
     assert_matches_reference(out, x, logits, scores, mask, experts, 1e-12)
 
 
@@ -112,7 +112,7 @@ def test_static_padded_bmm_passes_gradcheck():
     assert torch.autograd.gradcheck(fn, (x, logits, *params))
 
 
-@pytest.mark.parametrize("implementation", ["padded_bmm", "grouped_mm", "fused_loop"])
+@pytest.mark.parametrize("implementation", ["padded_bmm", "grouped_mm", "expert_loop"])
 def test_counted_path_with_a_data_dependent_count(implementation):
     """Eval's threshold picks any number of pairs (here S >= 0.7 on sigmoid scores), including none."""
     if implementation == "grouped_mm" and not HAS_GROUPED_MM_F32:

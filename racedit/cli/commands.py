@@ -220,7 +220,8 @@ def run_sample(args) -> int:
     try:
         loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=default_device(device), vae=args.vae,
                                    calibrate_threshold=args.calibrate_threshold,
-                                   calibration_batch=args.calibration_batch, progress=not args.quiet)
+                                   calibration_batch=args.calibration_batch, progress=not args.quiet,
+                                   compile=args.compile)
         main_process = state is None or state.is_main_process
         if loaded.threshold_calibration is not None and not args.quiet and main_process:
             print(loaded.threshold_calibration.summary())

@@ -183,6 +183,8 @@ def _sample(sub) -> None:
     add_batch_size(p, 64, "images per forward on each device")
     p.add_argument("--max-batches", type=positive_int, default=None,
                    help="npz: stop after this many batches per process (time-limited jobs); re-run to continue")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model as one graph (first batch slower; pays on long jobs)")
     add_no_ema(p)
     add_calibration(p)
     add_vae(p, "latent models: VAE hub id or local directory to decode with (default: the one in the "

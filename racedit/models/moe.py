@@ -40,6 +40,7 @@ from racedit.models.routing import (
     gate_logits_fp32,
     grouped_topk,
     select_global,
+    select_global_op,
     threshold_mask,
     update_threshold_,
     world_size,
@@ -131,14 +132,16 @@ class Router(nn.Module):
                 nn.init.xavier_uniform_(linear.weight)
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None,
-                predict_target: bool = True) -> MoELayerRecord:
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None, predict_target: bool = True,
+                threshold_ready: torch.Tensor | None = None) -> MoELayerRecord:
         """x (B, L, D) -> the routing of its N = B*L tokens, as the MoE layer records it:
 
         logits (N, E) fp32, scores S (N, E) (selection score and output weight), mask (N, E) bool,
         kth_score () the batch's K-th largest score (training, batch-coupled strategies; else None),
         target_pred (B, L, p*p*C) (training, with a target head and `predict_target`; else None), group (the
         process group the selection spanned, or None). threshold: () eval-mode tau, or None for the top-K rule.
+        threshold_ready: () bool, whether tau is set; given, eval selects with S >= tau where it is True and with
+        the top-K rule where not, decided on the device (what a compiled eval forward uses).
         """
         B, L, D = x.shape
         r = self.trunk(x.reshape(B * L, D))
@@ -146,7 +149,7 @@ class Router(nn.Module):
         logits = gate_logits_fp32(r, self.gate_head)
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = gate(logits, self.gating)
-            mask, kth = self.select(scores.view(B, L, self.num_experts), threshold)
+            mask, kth = self.select(scores.view(B, L, self.num_experts), threshold, threshold_ready)
         target_pred = None
         if self.training and predict_target and self.target_head is not None:
             target_pred = self.target_head(r).view(B, L, -1)
@@ -154,8 +157,8 @@ class Router(nn.Module):
                               target_pred=target_pred, kth_score=kth, group=self.selection_group(),
                               global_select=self.global_select)
 
-    def select(self, scores: torch.Tensor,
-               threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def select(self, scores: torch.Tensor, threshold: torch.Tensor | None = None,
+               threshold_ready: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """S (B, L, E) -> (bool mask (B, L, E), the batch's K-th largest score () or None); see the class doc.
 
         For strategies with several groups the K-th score is the mean over groups of each group's K-th
@@ -163,14 +166,22 @@ class Router(nn.Module):
         """
         if self.training:
             if self.race_scope == "global":
-                mask, kth = select_global(scores, self.routing, self.k, method=self.global_select)
+                # compiled: the same call as a custom op, which keeps the collectives out of the graph
+                select = select_global_op if torch.compiler.is_compiling() else select_global
+                mask, kth = select(scores.detach(), self.routing, self.k, method=self.global_select)
             else:
                 mask, kth_per_group = grouped_topk(scores, self.routing, self.k)
                 kth = kth_per_group.float().mean()
             return mask, (kth if self.routing in BATCH_COUPLED else None)
+        if threshold is not None and threshold_ready is not None:
+            mask = torch.cond(threshold_ready, threshold_mask, self._top_k_mask, (scores, threshold))
+            return mask, None
         if threshold is not None:
             return threshold_mask(scores, threshold), None
         return grouped_topk(scores, self.routing, self.k)[0], None
+
+    def _top_k_mask(self, scores: torch.Tensor, _threshold: torch.Tensor) -> torch.Tensor:
+        return grouped_topk(scores, self.routing, self.k)[0]
 
     def selection_group(self):
         """The process group a forward's selection spans now, or None when it is local to the process."""
@@ -263,9 +274,13 @@ class MoEFeedForward(nn.Module):
         its entry, so each training forward is counted once.
         """
         B, L, D = u.shape
+        if torch.compiler.is_compiling() and not self.training and self.uses_threshold:
+            # whether tau is set is decided on the device (torch.cond): no host read, no guard on the buffer
+            threshold, ready = self.tau, self.threshold_initialized
+        else:
+            threshold, ready = self.inference_threshold(), None
         # the target head only feeds a loss that reads the record: without one it would be wasted compute
-        threshold = self.inference_threshold()
-        routing = self.router(u, threshold, predict_target=record is not None)
+        routing = self.router(u, threshold, predict_target=record is not None, threshold_ready=ready)
         y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts, self.dispatch_implementation,
                      num_selected=self.selected_count(B * L, threshold, routing.group))
         if record is not None:

@@ -210,6 +210,22 @@ def select_global(scores: torch.Tensor, strategy: str, k: int, group=None, metho
     return _from_groups(chosen, scores.shape, perm), kth.float().mean()
 
 
+@torch.library.custom_op("racedit::select_global", mutates_args=())
+def select_global_op(scores: torch.Tensor, strategy: str, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_global` over the default process group -> (mask (B, L, E) bool, the K-th score () float32).
+
+    A custom op so that torch.compile keeps the collectives and their host reads (the ranks' batch sizes)
+    out of the graph: its outputs have static shapes, and only the dispatch after it sees a data-dependent
+    count.
+    """
+    return select_global(scores, strategy, k, method=method)
+
+
+@select_global_op.register_fake
+def _(scores, strategy, k, method):
+    return torch.empty_like(scores, dtype=torch.bool), scores.new_empty((), dtype=torch.float32)
+
+
 @torch.no_grad()
 def update_threshold_(tau: torch.Tensor, initialized: torch.Tensor, kth_score: torch.Tensor, decay: float) -> None:
     """In place: tau <- kth_score on the first update, else decay * tau + (1 - decay) * kth_score.

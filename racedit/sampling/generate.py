@@ -24,6 +24,7 @@ from racedit.diffusion.objectives import Objective, create_objective
 from racedit.diffusion.samplers import generate
 from racedit.fileio import atomic_path
 from racedit.models import DiT
+from racedit.models.compiling import compile_model
 from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
 from racedit.seeding import Purpose, seed_for
 
@@ -43,7 +44,7 @@ class LoadedCheckpoint:
 
 def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
                       vae: str | None = None, calibrate_threshold: int = 0, calibration_batch: int | None = None,
-                      calibration_seed: int = 0, progress: bool = False) -> LoadedCheckpoint:
+                      calibration_seed: int = 0, progress: bool = False, compile: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint (EMA weights by default) into an eval-mode model.
 
     `calibrate_threshold` > 0 recalibrates the inference threshold tau of the loaded weights on that many
@@ -51,7 +52,8 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     config names (`racedit.sampling.calibration`); the EMA weights otherwise sample with the tau that
     tracked the live weights. Raises `CheckpointError` with a readable message for a missing path or a
     checkpoint that does not fit the model its config describes, and ValueError for a calibration
-    request on a model without threshold routing.
+    request on a model without threshold routing. `compile`: `racedit.models.compiling.compile_model` (one
+    graph; a new batch size compiles once more, a new routing count or tau never does), after calibrating.
     """
     which = "ema" if use_ema else "model"
     model, cfg, ckpt = load_model(path, which)
@@ -63,6 +65,8 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
         data = training_batches(cfg, batch, calibration_seed, device)
         calibration = calibrate_thresholds(model, objective, data, calibrate_threshold,
                                            model.config.class_dropout_prob, seed=calibration_seed, progress=progress)
+    if compile:
+        compile_model(model)
     # `vae` (hub id or local dir) overrides the VAE named in the config or the latent manifest.
     return LoadedCheckpoint(model, objective, build_codec(cfg, vae=vae).to(device), cfg, ckpt, which, calibration)
 

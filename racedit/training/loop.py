@@ -40,6 +40,7 @@ from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.models import count_params, create_model, resolve_model_config
+from racedit.models.compiling import compile_model
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
@@ -262,7 +263,9 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
 
     ema.to(device)
     loader = data.loader(order, start_step, device)
-    train_model = torch.compile(model) if tc.compile else model
+    if tc.compile:  # in place; under FSDP per block, whose sharding hooks stay outside the graphs
+        compile_model(model, tc.compile_mode, unit="block" if sharded else "model")
+    train_model = model
     if sharded:  # the model is FSDP's: accelerate wraps the optimizer only, autocast is applied below
         optimizer = accelerator.prepare(optimizer)
     else:

@@ -7,7 +7,7 @@ Applied (the saved config.yaml and every later checkpoint record the new value, 
   step; the optimizer's moments are kept;
 - `train.ema_decay`, `loss.*` coefficients, `train.grad_clip`, `train.max_nonfinite`, `train.grad_accum` (the
   global batch is only split differently), `train.mixed_precision`, `train.grad_checkpointing`,
-  `train.compile`, `train.distributed` (an FSDP checkpoint resumes under DDP and the reverse, on any number of
+  `train.compile`, `train.compile_mode`, `train.distributed` (an FSDP checkpoint resumes under DDP and the reverse, on any number of
   processes: `racedit.training.checkpointing`), `train.num_threads`, `model.global_select` (how
   race_scope=global communicates; both methods select the same pairs);
 - logging and outputs: `train.log_every`, `log_with`, `diagnostics_every`, `ckpt_every`, `keep_last`,
