@@ -108,7 +108,7 @@ def check_dispatch(device: torch.device, smoke: bool) -> dict:
 
 
 def _kernels(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> list[str]:
-    kernels = ["padded_bmm", "fused_loop"]
+    kernels = ["padded_bmm", "expert_loop"]
     if grouped_mm_supported(device.type, dtype, dim, hidden):
         kernels.insert(0, "grouped_mm")
     return kernels
@@ -236,7 +236,7 @@ def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
     loss on, Expert Race) make
     no device-to-host synchronisation: on CUDA inside torch.cuda.set_sync_debug_mode("error") after one warm-up
     step; on CPU the analogue: no host-reading op dispatched and no `.tolist()`, with the static kernel the
-    accelerator would use (eager CPU's default, the fused loop, reads counts on the host by design)."""
+    accelerator would use (CPU's default, the expert_loop custom op, reads counts on the host by design)."""
     from racedit.config import LossConfig
     from racedit.diffusion.draws import MicroBatchDraws
     from racedit.diffusion.objectives import DDPMObjective

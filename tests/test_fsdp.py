@@ -52,7 +52,9 @@ def ckpt(root, step):
 # resumed on 2 processes stops after 3 steps (its losses are compared; the weights at the end on 1 process)
 # the per-layer regularization (router target heads; 2-process DDP cannot train it: its unused-parameter
 # search starts from the output, which the heads do not feed) with frac-connections, 3 steps, against one process
+# and the other auxiliary losses and the other Tucker memory (UltraMem; RACE has UltraMemV2)
 PER_LAYER = ["model.router_target_head=true", "loss.per_layer_reg=0.1", "model.connections=frac",
+             "loss.balance=0.01", "loss.router_similarity=0.1", "model.memory=ultramem",
              "train.steps=3", "train.ckpt_every=0"]
 JOBS = {"ddp": ([], None), "fsdp": (FSDP, None), "fsdp_on_2": (FSDP, ("fsdp", STEP)),
         "fsdp_per_layer": ([*FSDP, *PER_LAYER], None)}
@@ -128,7 +130,7 @@ def test_ddp_checkpoint_resumes_as_fsdp(runs):
     assert_close_weights(ckpt(runs / "ddp_as_fsdp", 10), ckpt(runs / "ddp", 10))
 
 
-def test_fsdp_trains_the_per_layer_regularization_as_one_process(runs):
+def test_fsdp_trains_the_auxiliary_losses_and_ultramem_as_one_process(runs):
     sharded, one = losses(runs / "fsdp_per_layer"), losses(runs / "one_per_layer")
     assert len(sharded) == 3 and sharded == pytest.approx(one, rel=1e-5)
     assert_close_weights(ckpt(runs / "fsdp_per_layer", 3), ckpt(runs / "one_per_layer", 3))
