@@ -16,13 +16,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from racedit.models import create_model
 from racedit.models.moe import Experts, dispatch, dispatch_reference, update_thresholds
 from racedit.models.moe_dispatch import grouped_mm_supported, resolve_implementation
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import STRATEGIES, grouped_topk, threshold_mask
+from racedit.testing import RecordOps
 
 
 class CheckFailed(AssertionError):
@@ -215,22 +215,6 @@ def check_threshold_batch_independence(device: torch.device, smoke: bool) -> dic
     return {"worst_rel_diff": worst, "borderline_pairs": borderline, "notes": notes}
 
 
-# Ops that read a tensor on the host or size a result by its data: what set_sync_debug_mode catches on CUDA.
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
-
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.host_reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.host_reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
     """The MoE training forward and backward (bf16 autocast, the loop's training losses with every auxiliary router
     loss on, Expert Race) make
@@ -285,7 +269,7 @@ def check_no_host_sync(device: torch.device, smoke: bool) -> dict:
 
         torch.Tensor.tolist = refuse
         try:
-            with _RecordOps() as record:
+            with RecordOps() as record:
                 step()
         finally:
             torch.Tensor.tolist = original

@@ -1,5 +1,6 @@
-"""Stand-ins for smoke tests, docs and benchmarks, made locally (no network): a tiny random-init VAE and a
-small generated image folder with a few unreadable files."""
+"""Stand-ins for smoke tests, docs and benchmarks, made locally (no network): a tiny random-init VAE, a
+small generated image folder with a few unreadable files, and a recorder of the ops a computation dispatches
+(to check that a path reads nothing on the host)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that read a tensor on the host (`.item()`, `int(tensor)`, a traced `.tolist()`) or size a result by its data:
+# on CUDA, what `torch.cuda.set_sync_debug_mode("error")` catches.
+HOST_READS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                        torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default})
+
+
+class RecordOps(TorchDispatchMode):
+    """Inside, every aten op dispatched is appended to `ops`; `host_reads` are those in HOST_READS."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def host_reads(self) -> list[str]:
+        return [str(op) for op in self.ops if op in HOST_READS]
 
 
 def save_standin_vae(path: str | Path, block_out_channels: Sequence[int] = (8, 8, 8, 8), latent_channels: int = 4,

@@ -26,7 +26,7 @@ import racedit.training.loop as loop_mod
 from racedit.config import LossConfig
 from racedit.models import create_model
 from racedit.models.compiling import compile_model
-from racedit.models.losses import auxiliary_losses
+from racedit.models.losses import AUX_LOSS_NAMES, auxiliary_losses
 from racedit.models.moe import MoEFeedForward, threshold_layers
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import STRATEGIES
@@ -84,9 +84,8 @@ def training_step(model, forward, seed: int):
     out = forward(x, t, y, record=record)
     loss = (out - target).square().mean()
     if record.moe:
-        loss = loss + sum(coef * value for coef, value in zip(
-            (LOSSES.router_similarity, LOSSES.per_layer_reg, LOSSES.balance, LOSSES.z_loss),
-            auxiliary_losses(record, LOSSES, target).values()))
+        aux = auxiliary_losses(record, LOSSES, target)
+        loss = loss + sum(getattr(LOSSES, field) * aux[name] for field, name in AUX_LOSS_NAMES.items())
     loss.backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
              for n, p in model.named_parameters() if p.requires_grad}

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from racedit.models.moe import Experts, MoEFeedForward, dispatch, dispatch_reference, dispatch_static
 from racedit.models.moe_dispatch import grouped_mm_supported
 from racedit.models.records import ForwardRecord
 from racedit.models.routing import GATINGS, STRATEGIES, gate, select
+from racedit.testing import HOST_READS, RecordOps
 
 SHAPES = {"2in8": dict(k=2, E=8), "4in32": dict(k=4, E=32)}
 B, L, D = 2, 8, 8  # k*L/E and B*L*k/E are whole numbers for both shapes
@@ -133,21 +133,6 @@ def test_the_layer_passes_the_shape_count_only_for_local_top_k_selections():
     assert layer.selected_count(B * L, torch.tensor(0.5), None) is None  # eval threshold: data dependent
 
 
-# Ops that read a tensor on the host (`.item()`, `int(tensor)`, a traced `.tolist()`) or size a result by its data.
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
-
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("implementation", ["padded_bmm", "grouped_mm"])
 def test_static_path_reads_nothing_on_the_host_eager(implementation, monkeypatch):
     """The CPU analogue of torch.cuda.set_sync_debug_mode("error"): forward and backward of the static path
@@ -160,7 +145,7 @@ def test_static_path_reads_nothing_on_the_host_eager(implementation, monkeypatch
         raise AssertionError("host read (.tolist()) on the static dispatch path")
 
     monkeypatch.setattr(torch.Tensor, "tolist", refuse)
-    with _RecordOps() as record:
+    with RecordOps() as record:
         out = dispatch(x, mask, scores, experts, implementation=implementation, num_selected=B * L * 2)
         out.square().sum().backward()
     monkeypatch.undo()
