@@ -58,6 +58,9 @@ class ModelConfig:
     race_scope: str = "local"  # local: top-K over this process's batch; global: over all ranks' scores
     # race_scope=global: radix (histogram all_reduces, a few KiB per layer at any world size) | gather (the scores)
     global_select: str = "radix"
+    # expert parallelism: the experts of every MoE layer split over this many processes (E/n each; 1 = off).
+    # How the model runs, not what it is: checkpoints hold all E experts, a run may resume with another n
+    expert_parallel: int = 1
     threshold_decay: float = 0.99  # EMA decay of the inference threshold (batch K-th largest score)
     inference_routing: str = "threshold"  # eval mode: threshold (S >= tau, batch-independent) | topk (training rule)
     router_target_head: bool = True  # router head predicting the diffusion target (per-layer regularization)

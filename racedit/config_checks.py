@@ -46,6 +46,13 @@ def check_moe_shape(model: Any) -> None:
     else the preset's -kinE. E = 0 is a dense model (k must then be 0 too). Part of `check_model_shape`."""
     size = resolved_sizes(model)
     k, experts = size["moe_k"], size["moe_experts"]
+    n = getattr(model, "expert_parallel", 1)
+    if n > 1 and not experts:
+        raise ConfigError(f"model.expert_parallel={n} splits the experts of MoE layers, but model '{model.name}' "
+                          f"is dense; set it to 1")
+    if n > 1 and experts % n:
+        raise ConfigError(f"bad value for 'model.expert_parallel': {n} does not divide the {experts} experts "
+                          f"(model.moe_experts or the name's -kinE); use a divisor of {experts}")
     if not (k or experts):
         return
     try:
@@ -64,6 +71,9 @@ def check_batch_layout(cfg: Any, world_size: int = 1) -> None:
     if tc.global_batch % parts:
         raise ConfigError(f"bad value for 'train.global_batch': {tc.global_batch} is not divisible by "
                           f"train.grad_accum x processes = {tc.grad_accum} x {world_size}")
+    if world_size % model.expert_parallel:
+        raise ConfigError(f"bad value for 'model.expert_parallel': {model.expert_parallel} does not divide the "
+                          f"{world_size} process(es); expert groups of {model.expert_parallel} must tile them")
     if model.routing == "bl_choice" and resolved_sizes(model)["moe_experts"]:
         micro = tc.global_batch // parts
         batch = micro * world_size if model.race_scope == "global" else micro
@@ -110,6 +120,9 @@ def check_losses(cfg: Any) -> None:
 
 
 def check_distributed(cfg: Any) -> None:
+    if cfg.model.expert_parallel > 1 and cfg.train.mixed_precision == "fp16":
+        raise ConfigError(f"train.mixed_precision=fp16 with model.expert_parallel={cfg.model.expert_parallel}: use "
+                          "bf16 or no (the expert shards' gradient scaling is not implemented)")
     if cfg.train.distributed == "fsdp" and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 with train.distributed=fsdp: use bf16 (sharded training keeps "
                           "float32 master weights and reduces gradients in float32) or no")

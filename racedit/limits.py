@@ -21,7 +21,7 @@ RANGES: dict[str, str] = {
     "model.num_heads": ">= 1", "model.patch_size": ">= 1", "model.mlp_ratio": "> 0",
     "model.timestep_freq_shift": "< 128",  # the frequencies divide by 128 - shift
     "model.moe_experts": ">= 0", "model.moe_k": ">= 0", "model.threshold_decay": "[0, 1)",
-    "model.connections_n": ">= 1", "model.connections_m": ">= 1",
+    "model.connections_n": ">= 1", "model.connections_m": ">= 1", "model.expert_parallel": ">= 1",
     "model.memory_keys": ">= 1", "model.memory_topk": ">= 1", "model.memory_heads": ">= 1",
     "model.memory_key_dim": ">= 0", "model.memory_value_dim": ">= 0", "model.memory_prevalue_dim": ">= 0",
     "model.memory_rank": ">= 1", "model.memory_cores": ">= 1", "model.memory_expansion": ">= 0",

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from racedit.models.expert_parallel import dispatch_expert_parallel, expert_slice
 from racedit.models.moe_dispatch import (  # noqa: F401  (re-exported: the layer's dispatch API)
     IMPLEMENTATIONS,
     compute_dtype,
@@ -54,6 +55,7 @@ class Experts(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, k: int):
         super().__init__()
         self.dim, self.hidden, self.num_experts = dim, hidden, num_experts
+        self.first_expert = 0  # the global index of expert 0 here (expert parallelism holds a slice)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -226,6 +228,8 @@ class MoEFeedForward(nn.Module):
         # The dispatch kernel (moe_dispatch.IMPLEMENTATIONS); "auto" picks at run time. Not a config key: benchmarks
         # and tests set it to compare kernels.
         self.dispatch_implementation = "auto"
+        # Expert parallelism (`shard_experts`): the process group whose processes hold E/n experts each, or None.
+        self.expert_group = None
         self.initialize_weights()
 
     def _apply(self, fn, recurse=True):
@@ -281,6 +285,12 @@ class MoEFeedForward(nn.Module):
             threshold, ready = self.inference_threshold(), None
         # the target head only feeds a loss that reads the record: without one it would be wasted compute
         routing = self.router(u, threshold, predict_target=record is not None, threshold_ready=ready)
+        if self.expert_group is not None:
+            y = dispatch_expert_parallel(u.reshape(B * L, D), routing.mask, routing.scores, self.experts,
+                                         self.expert_group, self.dispatch_implementation)
+            if record is not None:
+                record.moe[self.layer_index] = routing
+            return y.view(B, L, D)
         y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts, self.dispatch_implementation,
                      num_selected=self.selected_count(B * L, threshold, routing.group))
         if record is not None:
@@ -337,3 +347,27 @@ def local_selection(model: nn.Module) -> Iterator[None]:
     finally:
         for r, scope in zip(routers, scopes):
             r.race_scope = scope
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    """The MoE layers of `model`, in model order."""
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, group) -> nn.Module:
+    """Expert parallelism, in place: every MoE layer of `model` keeps the experts this process holds in the
+    expert group `group` (`expert_slice`: E/n consecutive experts) and dispatches through the group. The
+    weights are slices of the whole model's, so every process must hold the same model first (same seed or
+    loaded weights). Returns `model`; a group of one leaves it whole."""
+    if group is None or dist.get_world_size(group) == 1:
+        return model
+    for layer in moe_layers(model):
+        experts = layer.experts
+        part = expert_slice(experts.num_experts, group)
+        for name in ("w1", "b1", "w2", "b2"):
+            old = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(old[part].clone(), requires_grad=old.requires_grad))
+        experts.first_expert, experts.num_experts = part.start, part.stop - part.start
+        layer.expert_group = group
+    return model

@@ -153,10 +153,7 @@ def dispatch_static(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, e
     w1, b1, w2, b2 = (p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2))
     rows = x.to(dtype).index_select(0, token_index)
     if implementation == "grouped_mm":
-        fn = _grouped_mm_fn()
-        offs = ends.to(torch.int32)
-        hid = fn(rows, w1, offs=offs) + b1.index_select(0, expert_index)
-        y = fn(F.gelu(hid, approximate="tanh"), w2, offs=offs) + b2.index_select(0, expert_index)
+        y = expert_rows(rows, expert_index, counts, w1, b1, w2, b2, "grouped_mm")
     else:
         # Each pair's slot in its expert's block: its rank in the expert-sorted list minus the expert's start.
         slot = torch.arange(token_index.shape[0], device=x.device) - (ends - counts).index_select(0, expert_index)
@@ -181,8 +178,23 @@ def _dispatch_expert_loop(x, mask, scores, experts, dtype, num_selected: int | N
     counts = mask.sum(dim=0)
     w1, b1, w2, b2 = (p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2))
     rows = x.to(dtype).index_select(0, token_index)
-    y, _ = expert_mlp(rows, expert_index, counts, w1, b1, w2, b2)
+    y = expert_rows(rows, expert_index, counts, w1, b1, w2, b2, "expert_loop")
     return x.new_zeros(x.shape, dtype=dtype).index_add_(0, token_index, y * weights.unsqueeze(1))
+
+
+def expert_rows(rows: torch.Tensor, expert_index: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor,
+                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, implementation: str) -> torch.Tensor:
+    """Each expert's MLP on its rows: rows (n_sel, D) sorted by expert, expert_index (n_sel,), counts (E,), the
+    weights already in the compute dtype -> (n_sel, D). implementation: "grouped_mm" (offsets on the device)
+    or "expert_loop" (the `expert_mlp` custom op). Shared by the local dispatch and the expert-parallel one."""
+    if implementation == "grouped_mm":
+        fn = _grouped_mm_fn()
+        offs = counts.cumsum(0).to(torch.int32)
+        hid = fn(rows, w1, offs=offs) + b1.index_select(0, expert_index)
+        return fn(F.gelu(hid, approximate="tanh"), w2, offs=offs) + b2.index_select(0, expert_index)
+    if implementation != "expert_loop":
+        raise ValueError(f"expert_rows runs 'grouped_mm' or 'expert_loop', not {implementation!r}")
+    return expert_mlp(rows, expert_index, counts, w1, b1, w2, b2)[0]
 
 
 def _segments(counts: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -9,12 +9,13 @@ Applied (the saved config.yaml and every later checkpoint record the new value, 
   global batch is only split differently), `train.mixed_precision`, `train.grad_checkpointing`,
   `train.compile`, `train.compile_mode`, `train.distributed` (an FSDP checkpoint resumes under DDP and the reverse, on any number of
   processes: `racedit.training.checkpointing`), `train.num_threads`, `model.global_select` (how
-  race_scope=global communicates; both methods select the same pairs);
+  race_scope=global communicates; both methods select the same pairs), `model.expert_parallel` (how many
+  processes share the experts; checkpoints hold every expert);
 - logging and outputs: `train.log_every`, `log_with`, `diagnostics_every`, `ckpt_every`, `keep_last`,
   `sample_every`, `eval_samples_per_class`, and `sample.*` (the grids).
 Free (not reported): `train.out_dir` (resuming another run's checkpoint into a new directory),
 `train.init_from` (unused on resume), `data.num_workers`, `data.latents` (moved), `data.vae` (decoding only).
-Refused: `model.*` (but `model.global_select`), `diffusion.*`, other `data.*` (another model, objective or training set), `train.seed`
+Refused: `model.*` (but `model.global_select`, `model.expert_parallel`), `diffusion.*`, other `data.*` (another model, objective or training set), `train.seed`
 and `train.global_batch` (the data order, noise and label dropout of every step), `train.betas` (the saved
 Adam moments were averaged, and are bias-corrected, with the old betas).
 """
@@ -31,7 +32,8 @@ from racedit.config import Config, ConfigError, config_diff
 FREE = frozenset({"train.out_dir", "train.init_from", "data.num_workers", "data.latents", "data.vae"})
 REFUSED_SECTIONS = ("model", "diffusion", "data")
 REFUSED_KEYS = frozenset({"train.seed", "train.global_batch", "train.betas"})
-APPLIED_MODEL_KEYS = frozenset({"model.global_select"})  # communication only: the same selection either way
+# communication only: the same selection either way; the experts spread over another number of processes
+APPLIED_MODEL_KEYS = frozenset({"model.global_select", "model.expert_parallel"})
 
 
 def resume_changes(saved: Config, cfg: Config, ckpt: Path, step: int) -> dict[str, tuple[Any, Any]]:

@@ -1,0 +1,165 @@
+"""Expert parallelism: each process of an expert group holds E/n of a layer's experts, rows travel to them.
+
+Routing is untouched: every process routes its own tokens over all E experts with the full router (local or
+global race, any strategy, the eval threshold), so the mask and the scores are what one process would
+compute. Only the experts' work moves. Process j of an expert group of n holds the experts
+j*E/n .. (j+1)*E/n - 1 (`shard_experts`). One MoE forward (`dispatch_expert_parallel`):
+
+1. the selected (token, expert) pairs, sorted by expert, are already sorted by the process holding the expert;
+   each process sends the others its per-expert counts (`all_to_all_single` of E integers), which gives
+   every split size of the exchange;
+2. the rows x[token] travel to the experts' processes (`all_to_all_single`: ~n_sel * D values out, as many
+   in on average), are sorted by local expert, run through the experts (the grouped matmul, or the CPU
+   expert loop), and travel back the same way (the inverse exchange);
+3. each process weights its own rows by their gate values and sums them per token, as the local dispatch does.
+
+The backward mirrors it: autograd runs the inverse exchanges on the gradients (`all_to_all_rows` and
+`all_to_all_rows_sized` are custom ops with registered autograd, opaque to torch.compile, which sees an
+unbacked number of received rows). So an expert's weight gradient sums over the rows of every process of
+the expert group; `racedit.training.expert_sharding` reduces it over the data-parallel replicas of the shard.
+
+Every process of the expert group must run each MoE layer together, also with no token selected (it may
+still receive rows): training steps do, and expert-parallel sampling runs the processes in lockstep.
+
+Letters (docs/method/README.md): N tokens, D width, E experts, n processes of an expert group, E_l = E/n
+experts per process, n_sel selected pairs of this process, R rows this process receives, h expert hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from racedit.models.moe_dispatch import _pairs, compute_dtype, expert_rows, resolve_implementation
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _exchange(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_name: str) -> torch.Tensor:
+    """rows (sum send, D) -> (sum recv, D): rows[...] for process j go to j; a host read of the split sizes."""
+    group = _resolve_process_group(group_name)
+    send_sizes, recv_sizes = send.tolist(), recv.tolist()
+    out = rows.new_empty(sum(recv_sizes), *rows.shape[1:])
+    dist.all_to_all_single(out, rows.contiguous(), recv_sizes, send_sizes, group=group)
+    return out
+
+
+@torch.library.custom_op("racedit::all_to_all_rows", mutates_args=())
+def all_to_all_rows(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Row exchange over the process group `group_name`: rows (sum send, D), send (n,) rows for each process,
+    recv (n,) rows from each -> (sum recv, D), in process order. The received count is data dependent
+    (unbacked under torch.compile)."""
+    return _exchange(rows, send, recv, group_name)
+
+
+@all_to_all_rows.register_fake
+def _(rows, send, recv, group_name):
+    return rows.new_empty(torch.library.get_ctx().new_dynamic_size(), *rows.shape[1:])
+
+
+@torch.library.custom_op("racedit::all_to_all_rows_sized", mutates_args=())
+def all_to_all_rows_sized(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_name: str,
+                          out_rows: int) -> torch.Tensor:
+    """`all_to_all_rows` whose received count the caller knows (`out_rows` = sum recv): the return exchange,
+    which gives each process back as many rows as it sent, and every backward exchange."""
+    return _exchange(rows, send, recv, group_name)
+
+
+@all_to_all_rows_sized.register_fake
+def _(rows, send, recv, group_name, out_rows):
+    return rows.new_empty(out_rows, *rows.shape[1:])
+
+
+def _setup(ctx, inputs, output):
+    rows, send, recv, group_name = inputs[:4]
+    ctx.send, ctx.recv, ctx.group_name, ctx.rows = send, recv, group_name, rows.shape[0]
+
+
+def _inverse(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of an exchange is the inverse exchange of the gradient."""
+    return all_to_all_rows_sized(grad.contiguous(), ctx.recv, ctx.send, ctx.group_name, ctx.rows)
+
+
+def _backward(ctx, grad):
+    return _inverse(ctx, grad), None, None, None
+
+
+def _backward_sized(ctx, grad):
+    return _inverse(ctx, grad), None, None, None, None
+
+
+all_to_all_rows.register_autograd(_backward, setup_context=_setup)
+all_to_all_rows_sized.register_autograd(_backward_sized, setup_context=_setup)
+
+
+def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """counts (E,) of this process's pairs per expert -> (n, E_l): row j, the pairs process j sends to each of
+    this process's experts (one `all_to_all_single` of E integers; no gradient)."""
+    n = group_size(group)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)
+    return received.view(n, counts.shape[0] // n)
+
+
+@torch.library.custom_op("racedit::exchange_counts", mutates_args=())
+def exchange_counts_op(counts: torch.Tensor, group_name: str) -> torch.Tensor:
+    """`exchange_counts` as a custom op (the collective stays out of a compiled graph)."""
+    return exchange_counts(counts, _resolve_process_group(group_name)).clone()
+
+
+@exchange_counts_op.register_fake
+def _(counts, group_name):
+    n = dist.get_world_size(_resolve_process_group(group_name))
+    return counts.new_empty(n, counts.shape[0] // n)
+
+
+def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, experts, group,
+                             implementation: str = "auto") -> torch.Tensor:
+    """`moe_dispatch.dispatch` with the experts spread over the processes of `group` (see the module doc):
+    y[i] = sum_e mask[i, e] * scores[i, e] * expert_e(x[i]), (N, D) -> (N, D).
+
+    x (N, D), mask and scores (N, E) over all E experts; `experts` holds this process's E_l = E/n of them
+    (w1 (E_l, D, h), ...; `shard_experts`). N may differ between processes and be 0. Collective over `group`.
+    """
+    N, D = x.shape
+    E = mask.shape[1]
+    n = group_size(group)
+    if E % n:
+        raise ValueError(f"{E} experts cannot be split over {n} processes")
+    E_l = E // n
+    if experts.w1.shape[0] != E_l:
+        raise ValueError(f"this process holds {experts.w1.shape[0]} experts, not E/n = {E_l}: call shard_experts")
+    dtype = compute_dtype(x)
+    kernel = resolve_implementation(implementation, x.device, dtype, experts.dim, experts.hidden)
+    kernel = "grouped_mm" if kernel == "grouped_mm" else "expert_loop"  # padded_bmm needs a static bound
+    name = group.group_name
+    expert_index, token_index = _pairs(mask, None)  # expert-major, so also sorted by destination process
+    weights = scores.reshape(-1).index_select(0, token_index * E + expert_index).to(dtype)
+    counts = mask.sum(dim=0)  # (E,)
+    send = counts.view(n, E_l).sum(dim=1)
+    received_counts = exchange_counts_op(counts, name)  # (n, E_l)
+    recv = received_counts.sum(dim=1)
+    rows = all_to_all_rows(x.to(dtype).index_select(0, token_index), send, recv, name)  # (R, D)
+    # received in (source process, local expert) order; the experts want them sorted by local expert
+    local_expert = torch.repeat_interleave(torch.arange(E_l, device=x.device).repeat(n), received_counts.reshape(-1),
+                                           output_size=rows.shape[0])
+    order = torch.sort(local_expert, stable=True).indices
+    w1, b1, w2, b2 = (p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2))
+    y_sorted = expert_rows(rows.index_select(0, order), local_expert.index_select(0, order),
+                           received_counts.sum(dim=0), w1, b1, w2, b2, kernel)
+    y_received = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+    y = all_to_all_rows_sized(y_received, recv, send, name, token_index.shape[0])  # (n_sel, D), own rows
+    return x.new_zeros(N, D, dtype=dtype).index_add_(0, token_index, y * weights.unsqueeze(1))
+
+
+def expert_slice(num_experts: int, group) -> slice:
+    """The global expert indices this process holds in an expert group `group` of n processes: E/n in a row."""
+    n = group_size(group)
+    if num_experts % n:
+        raise ValueError(f"model.expert_parallel={n} must divide the number of experts, {num_experts}")
+    per = num_experts // n
+    rank = dist.get_rank(group) if group is not None else 0
+    return slice(rank * per, (rank + 1) * per)
