@@ -51,6 +51,15 @@ from racedit.training.checkpointing import (
     restore_optimizer,
     save_training_checkpoint,
     weights_load_before_sharding,
+    whole_state,
+)
+from racedit.training.expert_sharding import (
+    clip_grad_norm_,
+    expert_layout,
+    expert_parameters,
+    ignore_experts_in_ddp,
+    reduce_expert_gradients,
+    shard_model_experts,
 )
 from racedit.training.metrics import MetricsLogger, flat_config, trackers
 from racedit.training.objective_step import training_losses
@@ -63,7 +72,6 @@ from racedit.training.resume import (
 from racedit.training.sharding import (
     ema_update_,
     full,
-    gathered_copy,
     process_group,
     set_gradient_sync,
     shard_model,
@@ -231,13 +239,16 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tc.ema_decay), use_buffers=True)
     ema.requires_grad_(False)
     sharded = tc.distributed == "fsdp"
+    # expert parallelism: a (data, expert) mesh; None without (racedit.training.expert_sharding)
+    layout = expert_layout(device, cfg.model.expert_parallel)
+    n_params = count_params(model)  # of the whole model, before any process keeps a share of it
 
     start_step, skipped_total = 0, 0
     changes: dict = {}
     if ckpt is not None:
         state = load_train_state(ckpt)
         changes = resume_changes(load_config_of(ckpt), cfg, ckpt, int(state["step"]))
-        if weights_load_before_sharding(ckpt, sharded):
+        if weights_load_before_sharding(ckpt, sharded or layout is not None):
             load_into(model, load_weights(ckpt, "model"), f"checkpoint {ckpt} (model)")
             load_into(ema.module, load_weights(ckpt, "ema"), f"checkpoint {ckpt} (ema)")
     elif tc.init_from:  # fine-tuning: a converted, upcycled or earlier model's EMA weights, fresh optimizer
@@ -245,16 +256,18 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
         load_into(model, load_weights(source, "ema"), f"train.init_from={tc.init_from} (EMA weights)")
     if ckpt is None:
         ema.update_parameters(model)  # the EMA starts as an exact copy of the initial weights
+    shard_model_experts(model, layout)  # every process keeps the experts of its share (nothing without a layout)
+    shard_model_experts(ema.module, layout)
     if sharded:  # the EMA is sharded like the model, unit for unit (see racedit.training.sharding)
-        shard_model(model, device, tc.mixed_precision)
-        shard_model(ema.module, device, tc.mixed_precision)
+        shard_model(model, device, tc.mixed_precision, set(expert_parameters(model).values()))
+        shard_model(ema.module, device, tc.mixed_precision, set(expert_parameters(ema.module).values()))
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     warmup = max(tc.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # one schedule per group (memory tables scale their own LR)
         optimizer, [group_lr_lambda(g, warmup, tc.steps) for g in optimizer.param_groups])
     if ckpt is not None:
         fresh = fresh_hyperparameters(optimizer)
-        restore_optimizer(ckpt, state, model, ema.module, optimizer)
+        restore_optimizer(ckpt, state, model, ema.module, optimizer, layout)
         scheduler.load_state_dict(state["scheduler"])
         adopt_hyperparameters(optimizer, scheduler, fresh)  # this config's lr schedule and weight decay
         ema.n_averaged.fill_(int(state["ema_n_averaged"]))
@@ -269,6 +282,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     if sharded:  # the model is FSDP's: accelerate wraps the optimizer only, autocast is applied below
         optimizer = accelerator.prepare(optimizer)
     else:
+        if layout is not None:  # the experts differ between processes: DDP must neither average nor broadcast them
+            ignore_experts_in_ddp(model)
         train_model, optimizer = accelerator.prepare(train_model, optimizer)
     forward_precision = accelerator.autocast if sharded else contextlib.nullcontext
     randomness = StepRandomness(objective, tc.seed, tc.global_batch, accelerator.num_processes,
@@ -281,26 +296,33 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        n = count_params(model)
+        n = n_params
         accelerator.print(f"racedit: {cfg.model.name} | params {n['total'] / 1e6:.2f}M total, "
                           f"{n['activated'] / 1e6:.2f}M activated | {accelerator.num_processes} process(es) on "
-                          f"{device} | {'resuming at step ' + str(start_step) if ckpt else 'fresh run'} -> {out_dir}")
+                          f"{device}{f' | experts over {layout.size} processes' if layout else ''} | "
+                          f"{'resuming at step ' + str(start_step) if ckpt else 'fresh run'} -> {out_dir}")
         if changes:
             accelerator.print(f"resuming with changed settings (applied): {describe_changes(changes)}")
 
     def save(step: int) -> Path | None:  # every process calls it: an FSDP checkpoint is written by all
         return save_training_checkpoint(
             ckpt_root, step, is_main=is_main, model=model, ema_module=ema.module, optimizer=optimizer, config=cfg,
-            keep_last=tc.keep_last, train_state={"scheduler": scheduler.state_dict(), "step": step,
+            keep_last=tc.keep_last, layout=layout, train_state={"scheduler": scheduler.state_dict(), "step": step,
                                                  "skipped_steps": skipped_total, "ema_n_averaged": int(ema.n_averaged),
                                                  "torch_rng": torch.get_rng_state(),
                                                  "data_position": order.position(step)})
 
     def ema_for_sampling() -> torch.nn.Module | None:
-        """The EMA model whole on the main process (gathered from the shards under FSDP: collective)."""
-        if not sharded:
+        """The EMA model whole on the main process (gathered from the shards under FSDP and expert parallelism:
+        collective)."""
+        if not sharded and layout is None:
             return ema.module if is_main else None
-        return gathered_copy(ema.module, lambda: create_model(cfg.model), is_main)
+        state = whole_state(ema.module, layout, is_main)
+        if not is_main:
+            return None
+        copy = create_model(cfg.model)
+        copy.load_state_dict(state)
+        return copy.to(device).eval()
 
     last_good = ckpt
     resume_cmd = _resume_command(out_dir, accelerator.num_processes)
@@ -350,7 +372,11 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
                     terms_acc[k] = terms_acc.get(k, 0.0) + v.detach().double() / tc.grad_accum
                 if accelerator.sync_gradients:
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                    grad_norm = full(accelerator.clip_grad_norm_(train_model.parameters(), max_norm))
+                    if layout is not None:  # the experts' gradients: over their replicas; each counted once
+                        reduce_expert_gradients(model, layout)
+                        grad_norm = clip_grad_norm_(model, max_norm, layout)
+                    else:
+                        grad_norm = full(accelerator.clip_grad_norm_(train_model.parameters(), max_norm))
                     # the step's one collective and one host sync: every logged term, averaged over the
                     # processes (the whole global batch's losses), whether any process was asked to stop
                     # (a fill, no copy from the host), and the gradient norm (already global)

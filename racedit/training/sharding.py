@@ -24,11 +24,10 @@ again), and `torch.compile` compiles the sharded model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -62,29 +61,19 @@ def process_group(device: torch.device, num_processes: int, enabled: bool) -> It
             dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, mixed_precision: str = "no") -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, mixed_precision: str = "no",
+                ignored: set[torch.nn.Parameter] | None = None) -> torch.nn.Module:
     """Shard `model` in place over all processes: one FSDP unit per DiTBlock, then the root. Needs a process
-    group (`process_group`). The model is moved to `device` (this process's, LOCAL_RANK's GPU) first."""
+    group (`process_group`). The model is moved to `device` (this process's, LOCAL_RANK's GPU) first.
+    `ignored`: parameters FSDP leaves whole and unreduced (expert parallelism's experts)."""
     model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision_policy(mixed_precision)
     for module in model.modules():
         if isinstance(module, DiTBlock):
-            fully_shard(module, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return model
-
-
-def gathered_copy(module: torch.nn.Module, build: Callable[[], torch.nn.Module], to_main: bool) -> torch.nn.Module | None:
-    """An unsharded copy of sharded `module` (`build()` makes the empty model) on the main process (`to_main`),
-    None elsewhere; collective. Sampling during training runs on the main process alone, which a sharded model
-    cannot (each forward all-gathers from every process)."""
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not to_main:
-        return None
-    copy = build()
-    copy.load_state_dict(state)
-    return copy.to(local(next(module.parameters())).device).eval()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
