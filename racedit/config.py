@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 # the checks between values live in config_checks (below this module); re-exported here, where callers look
 from racedit.config_checks import check_batch_layout as check_batch_layout
 from racedit.config_checks import check_data, check_distributed, check_losses, check_quota, validate_memory
+from racedit.config_checks import check_expert_parallel as check_expert_parallel
 from racedit.config_checks import check_moe_shape as check_moe_shape
 from racedit.config_checks import check_sample as check_sample
 from racedit.config_checks import check_sampling_batch as check_sampling_batch

@@ -71,15 +71,20 @@ def check_batch_layout(cfg: Any, world_size: int = 1) -> None:
     if tc.global_batch % parts:
         raise ConfigError(f"bad value for 'train.global_batch': {tc.global_batch} is not divisible by "
                           f"train.grad_accum x processes = {tc.grad_accum} x {world_size}")
-    if world_size % model.expert_parallel:
-        raise ConfigError(f"bad value for 'model.expert_parallel': {model.expert_parallel} does not divide the "
-                          f"{world_size} process(es); expert groups of {model.expert_parallel} must tile them")
     if model.routing == "bl_choice" and resolved_sizes(model)["moe_experts"]:
         micro = tc.global_batch // parts
         batch = micro * world_size if model.race_scope == "global" else micro
         check_quota(model, batch, f", B = train.global_batch / (train.grad_accum x {world_size} process(es))"
                                    f"{' x processes (race_scope=global)' if model.race_scope == 'global' else ''}"
                                    f" = {batch}")
+
+
+def check_expert_parallel(cfg: Any, world_size: int) -> None:
+    """Raise ConfigError unless model.expert_parallel divides the number of processes a run is launched on."""
+    n = cfg.model.expert_parallel
+    if world_size % n:
+        raise ConfigError(f"bad value for 'model.expert_parallel': {n} does not divide the {world_size} process(es) "
+                          f"of this launch; expert groups of {n} processes must tile them")
 
 
 def check_sampling_batch(cfg: Any, batch: int, what: str) -> None:

@@ -48,6 +48,7 @@ BAD: list[tuple[str | tuple[str, ...], str, str]] = [
     ("model.moe_experts=-1", "model.moe_experts", ">= 0"), ("model.moe_k=-1", "model.moe_k", ">= 0"),
     ("model.threshold_decay=1.0", "model.threshold_decay", "in [0, 1)"),
     ("model.connections_n=0", "model.connections_n", ">= 1"), ("model.connections_m=0", "model.connections_m", ">= 1"),
+    ("model.expert_parallel=0", "model.expert_parallel", ">= 1"),
     ("model.memory_keys=0", "model.memory_keys", ">= 1"), ("model.memory_topk=0", "model.memory_topk", ">= 1"),
     ("model.memory_heads=0", "model.memory_heads", ">= 1"), ("model.memory_key_dim=-8", "model.memory_key_dim", ">= 0"),
     ("model.memory_value_dim=-1", "model.memory_value_dim", ">= 0"),

@@ -34,7 +34,14 @@ from racedit.checkpoint import (
     resume_checkpoint,
     verify_checkpoint,
 )
-from racedit.config import Config, ConfigError, check_batch_layout, check_sampling_batch, to_yaml
+from racedit.config import (
+    Config,
+    ConfigError,
+    check_batch_layout,
+    check_expert_parallel,
+    check_sampling_batch,
+    to_yaml,
+)
 from racedit.data.factory import build_codec, build_training_data
 from racedit.data.order import ResumableBatchOrder
 from racedit.diffusion.draws import StepRandomness
@@ -187,6 +194,7 @@ def train(cfg: Config, resume: bool | str | None = None, stop_after: int | None 
     with StopSignals("this optimizer step and its checkpoint", announce=accelerator.is_main_process) as stop:
         try:
             check_batch_layout(cfg, accelerator.num_processes)  # the config was checked for one process
+            check_expert_parallel(cfg, accelerator.num_processes)
             with (lock_on_main(accelerator, tc.out_dir, "train.out_dir"),  # one writer per run directory
                   process_group(accelerator.device, accelerator.num_processes, tc.distributed == "fsdp")):
                 return _train(accelerator, cfg, resume, stop_after, evaluate, stop)
@@ -259,8 +267,10 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     shard_model_experts(model, layout)  # every process keeps the experts of its share (nothing without a layout)
     shard_model_experts(ema.module, layout)
     if sharded:  # the EMA is sharded like the model, unit for unit (see racedit.training.sharding)
-        shard_model(model, device, tc.mixed_precision, set(expert_parameters(model).values()))
-        shard_model(ema.module, device, tc.mixed_precision, set(expert_parameters(ema.module).values()))
+        # with expert parallelism the experts stay out of FSDP: their processes hold different ones
+        shard_model(model, device, tc.mixed_precision, set(expert_parameters(model).values()) if layout else None)
+        shard_model(ema.module, device, tc.mixed_precision,
+                    set(expert_parameters(ema.module).values()) if layout else None)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     warmup = max(tc.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # one schedule per group (memory tables scale their own LR)

@@ -1,0 +1,124 @@
+"""`model.expert_parallel` in the training loop, on 2 and 4 CPU processes (gloo): it trains as one process holding
+the whole batch, with DDP and with FSDP for the non-expert weights, as one expert group or as data x expert = 2 x 2;
+its checkpoints hold every expert (consolidated safetensors, DCP shards) and resume with another expert-parallel size,
+1 included (on one process), continuing the same run.
+
+A module fixture runs every training job once (forked workers); the tests read what they left. The model is a tiny
+Race-DiT whose global Expert Race selects what one process would (`race_scope=global`), with activation
+checkpointing in the FSDP runs. Float32 training: the tolerances are the FSDP tests' (tests/test_fsdp.py says why
+not bitwise); tests/test_expert_parallel.py checks the same in float64 to 1e-10.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_config, run_gloo_workers
+
+from racedit.checkpoint import load_weights
+from racedit.config import ConfigError
+from racedit.training.loop import train
+
+RACE = ["model.moe_experts=4", "model.moe_k=1", "model.routing=expert_race", "model.race_scope=global",
+        "loss.balance=0.01", "train.steps=6", "train.ckpt_every=3", "train.keep_last=5", "train.grad_clip=0.05"]
+STEP = 3  # where the runs that resume start
+FSDP = ["train.distributed=fsdp", "train.grad_checkpointing=true"]
+
+
+def config(out_dir, *overrides):
+    return make_tiny_config(out_dir, *RACE, *overrides)
+
+
+def ckpt(root, step):
+    return root / "checkpoints" / f"step_{step:07d}"
+
+
+# run name -> (processes, overrides, the run and step it resumes from)
+JOBS = {
+    "one": (1, [], None),
+    "ep2": (2, ["model.expert_parallel=2"], None),
+    "ep2_fsdp": (2, ["model.expert_parallel=2", *FSDP], None),
+    "ep4": (4, ["model.expert_parallel=4"], None),
+    "dp2_ep2_fsdp": (4, ["model.expert_parallel=2", *FSDP], None),
+    "ep2_on_1": (1, [], ("ep2", STEP)),  # an expert-parallel checkpoint resumed on one process
+    "ep4_as_2x2": (4, ["model.expert_parallel=2"], ("ep4", STEP)),  # another expert-parallel size
+    "ep2_fsdp_on_1": (1, [], ("ep2_fsdp", STEP)),
+    "one_as_ep2": (2, ["model.expert_parallel=2"], ("one", STEP)),  # a one-process checkpoint, expert-parallel
+}
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    if world > 1:  # what a launcher puts in the environment; one process is a plain `racedit train`
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
+                          OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked: the parent's accelerate state is not ours
+    run = Path(out_dir)
+    _, overrides, source = JOBS[run.name]
+    train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])))
+    torch.save({}, run / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep")
+    for name, (world, _, _) in JOBS.items():  # in order: a resumed run after the run it resumes
+        run_gloo_workers(worker, root / name, world=world, timeout=300)
+    return root
+
+
+def losses(run_dir) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
+    for which in ("model", "ema"):
+        a, b = load_weights(ckpt_a, which), load_weights(ckpt_b, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")
+
+
+@pytest.mark.parametrize("run", ["ep2", "ep2_fsdp", "ep4", "dp2_ep2_fsdp"])
+def test_expert_parallel_trains_as_one_process(runs, run):
+    one = losses(runs / "one")
+    assert len(one) == 6
+    assert losses(runs / run) == pytest.approx(one, rel=1e-5)
+    # the consolidated checkpoint holds all E experts, equal to the one-process run's
+    assert load_weights(ckpt(runs / run, 6), "ema")["blocks.0.mlp.experts.w1"].shape[0] == 4
+    assert_close_weights(ckpt(runs / run, 6), ckpt(runs / "one", 6))
+
+
+def test_expert_shards_are_dcp_files_of_every_process(runs):
+    shards = sorted(p.name for p in (ckpt(runs / "ep4", 6) / "shards").iterdir())
+    assert shards == [".metadata", *(f"__{r}_0.distcp" for r in range(4))]
+
+
+@pytest.mark.parametrize("resumed", ["ep2_on_1", "ep4_as_2x2", "ep2_fsdp_on_1", "one_as_ep2"])
+def test_resume_with_another_expert_parallel_size(runs, resumed):
+    source = JOBS[resumed][2][0]
+    uninterrupted, continued = losses(runs / source), losses(runs / resumed)
+    assert len(continued) == 6 - STEP
+    assert continued == pytest.approx(uninterrupted[STEP:], rel=1e-5)
+    assert_close_weights(ckpt(runs / resumed, 6), ckpt(runs / source, 6))
+
+
+def test_expert_parallel_key_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="'model.expert_parallel': 3 does not divide the 4 experts"):
+        config(tmp_path, "model.expert_parallel=3")
+    with pytest.raises(ConfigError, match="model.expert_parallel=2 splits the experts of MoE layers, but model"):
+        make_tiny_config(tmp_path, "model.expert_parallel=2")
+    with pytest.raises(ConfigError, match="'model.expert_parallel': 0. Must be >= 1"):
+        config(tmp_path, "model.expert_parallel=0")
+    with pytest.raises(ConfigError, match="fp16 with model.expert_parallel=2"):
+        config(tmp_path, "model.expert_parallel=2", "train.mixed_precision=fp16")
+    with pytest.raises(ConfigError, match="'model.expert_parallel': 2 does not divide the 1 process"):
+        train(config(tmp_path / "one", "model.expert_parallel=2"))
