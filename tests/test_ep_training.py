@@ -12,14 +12,17 @@ not bitwise); tests/test_expert_parallel.py checks the same in float64 to 1e-10.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_config, run_gloo_workers
+from PIL import Image
 
-from racedit.checkpoint import load_weights
+from racedit.checkpoint import load_weights, verify_checkpoint
 from racedit.config import ConfigError
 from racedit.training.loop import train
 
@@ -97,9 +100,30 @@ def test_expert_parallel_trains_as_one_process(runs, run):
     assert_close_weights(ckpt(runs / run, 6), ckpt(runs / "one", 6))
 
 
-def test_expert_shards_are_dcp_files_of_every_process(runs):
-    shards = sorted(p.name for p in (ckpt(runs / "ep4", 6) / "shards").iterdir())
+def test_expert_shards_are_dcp_files_of_every_process(runs, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded = ckpt(runs / "ep4", 6)
+    shards = sorted(p.name for p in (sharded / "shards").iterdir())
     assert shards == [".metadata", *(f"__{r}_0.distcp" for r in range(4))]
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    assert {f"shards/{name}" for name in shards} <= set(manifest["files"])
+    verify_checkpoint(sharded)
+    # the experts as the shards hold them, read by torch's own converter, are the consolidated ones
+    dcp_to_torch_save(sharded / "shards", tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    for which in ("model", "ema"):
+        consolidated = load_weights(sharded, which)
+        assert consolidated.keys() == whole[which].keys()
+        assert all(torch.equal(consolidated[k], whole[which][k]) for k in consolidated), which
+
+
+@pytest.mark.parametrize("run", ["ep2", "ep2_fsdp", "ep4", "dp2_ep2_fsdp", "ep4_as_2x2", "one_as_ep2"])
+def test_sample_grids_gathered_from_the_expert_shards(runs, run):
+    """The end-of-run grid samples the EMA gathered from the expert shards: the one-process run's pixels."""
+    with Image.open(runs / "one" / "samples" / "step_0000006.png") as a, \
+            Image.open(runs / run / "samples" / "step_0000006.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("resumed", ["ep2_on_1", "ep4_as_2x2", "ep2_fsdp_on_1", "one_as_ep2"])
