@@ -1,9 +1,9 @@
-"""Expert parallelism: each process of an expert group holds E/n of a layer's experts, rows travel to them.
+"""Expert parallelism: each process of an expert group holds E/n_ep of a layer's experts, rows travel to them.
 
 Routing is untouched: every process routes its own tokens over all E experts with the full router (local or
 global race, any strategy, the eval threshold), so the mask and the scores are what one process would
-compute. Only the experts' work moves. Process j of an expert group of n holds the experts
-j*E/n .. (j+1)*E/n - 1 (`shard_experts`). One MoE forward (`dispatch_expert_parallel`):
+compute. Only the experts' work moves. Process j of an expert group of n_ep holds the experts
+j*E_loc .. (j+1)*E_loc - 1 (`shard_experts`). One MoE forward (`dispatch_expert_parallel`):
 
 1. the selected (token, expert) pairs, sorted by expert, are already sorted by the process holding the expert;
    each process sends the others its per-expert counts (`all_to_all_single` of E integers), which gives
@@ -21,8 +21,8 @@ the expert group; `racedit.training.expert_sharding` reduces it over the data-pa
 Every process of the expert group must run each MoE layer together, also with no token selected (it may
 still receive rows): training steps do, and expert-parallel sampling runs the processes in lockstep.
 
-Letters (docs/method/README.md): N tokens, D width, E experts, n processes of an expert group, E_l = E/n
-experts per process, n_sel selected pairs of this process, R rows this process receives, h expert hidden.
+Letters (docs/method/README.md): N tokens, D width, E experts, n_ep processes of an expert group, E_loc =
+E/n_ep experts per process, n_sel selected pairs of this process, n_recv rows this process receives.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def _exchange(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_
 
 @torch.library.custom_op("racedit::all_to_all_rows", mutates_args=())
 def all_to_all_rows(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_name: str) -> torch.Tensor:
-    """Row exchange over the process group `group_name`: rows (sum send, D), send (n,) rows for each process,
-    recv (n,) rows from each -> (sum recv, D), in process order. The received count is data dependent
+    """Row exchange over the process group `group_name`: rows (sum send, D), send (n_ep,) rows for each process,
+    recv (n_ep,) rows from each -> (sum recv, D), in process order. The received count is data dependent
     (unbacked under torch.compile)."""
     return _exchange(rows, send, recv, group_name)
 
@@ -96,7 +96,7 @@ all_to_all_rows_sized.register_autograd(_backward_sized, setup_context=_setup)
 
 
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """counts (E,) of this process's pairs per expert -> (n, E_l): row j, the pairs process j sends to each of
+    """counts (E,) of this process's pairs per expert -> (n_ep, E_loc): row j, the pairs process j sends to each of
     this process's experts (one `all_to_all_single` of E integers; no gradient)."""
     n = group_size(group)
     received = torch.empty_like(counts)
@@ -121,8 +121,8 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
     """`moe_dispatch.dispatch` with the experts spread over the processes of `group` (see the module doc):
     y[i] = sum_e mask[i, e] * scores[i, e] * expert_e(x[i]), (N, D) -> (N, D).
 
-    x (N, D), mask and scores (N, E) over all E experts; `experts` holds this process's E_l = E/n of them
-    (w1 (E_l, D, h), ...; `shard_experts`). N may differ between processes and be 0. Collective over `group`.
+    x (N, D), mask and scores (N, E) over all E experts; `experts` holds this process's E_loc = E/n_ep of them
+    (w1 (E_loc, D, h), ...; `shard_experts`). N may differ between processes and be 0. Collective over `group`.
     """
     N, D = x.shape
     E = mask.shape[1]
@@ -131,7 +131,7 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
         raise ValueError(f"{E} experts cannot be split over {n} processes")
     E_l = E // n
     if experts.w1.shape[0] != E_l:
-        raise ValueError(f"this process holds {experts.w1.shape[0]} experts, not E/n = {E_l}: call shard_experts")
+        raise ValueError(f"this process holds {experts.w1.shape[0]} experts, not E/n_ep = {E_l}: call shard_experts")
     dtype = compute_dtype(x)
     kernel = resolve_implementation(implementation, x.device, dtype, experts.dim, experts.hidden)
     kernel = "grouped_mm" if kernel == "grouped_mm" else "expert_loop"  # padded_bmm needs a static bound
@@ -140,9 +140,9 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
     weights = scores.reshape(-1).index_select(0, token_index * E + expert_index).to(dtype)
     counts = mask.sum(dim=0)  # (E,)
     send = counts.view(n, E_l).sum(dim=1)
-    received_counts = exchange_counts_op(counts, name)  # (n, E_l)
+    received_counts = exchange_counts_op(counts, name)  # (n_ep, E_loc)
     recv = received_counts.sum(dim=1)
-    rows = all_to_all_rows(x.to(dtype).index_select(0, token_index), send, recv, name)  # (R, D)
+    rows = all_to_all_rows(x.to(dtype).index_select(0, token_index), send, recv, name)  # (n_recv, D)
     # received in (source process, local expert) order; the experts want them sorted by local expert
     local_expert = torch.repeat_interleave(torch.arange(E_l, device=x.device).repeat(n), received_counts.reshape(-1),
                                            output_size=rows.shape[0])
@@ -156,7 +156,7 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
 
 
 def expert_slice(num_experts: int, group) -> slice:
-    """The global expert indices this process holds in an expert group `group` of n processes: E/n in a row."""
+    """The global expert indices this process holds in an expert group `group` of n_ep processes: E/n_ep in a row."""
     n = group_size(group)
     if num_experts % n:
         raise ValueError(f"model.expert_parallel={n} must divide the number of experts, {num_experts}")

@@ -1,15 +1,15 @@
 """Expert parallelism in training (`model.expert_parallel=n`): the mesh, the expert gradients, the norm, the state.
 
-The W processes form a 2-D `DeviceMesh` (data, expert) of shape (W/n, n): processes d*n .. d*n+n-1 are one
-expert group, which together holds all E experts of every MoE layer (E/n each, `racedit.models.moe.shard_experts`);
-the W/n expert groups are data-parallel replicas of one another. Everything but the experts is replicated
-(DDP) or sharded over all W processes (FSDP) as without expert parallelism; the expert weights are left out
+The n_proc processes form a 2-D `DeviceMesh` (data, expert) of shape (n_proc/n_ep, n_ep): processes
+d*n_ep .. (d+1)*n_ep - 1 are one expert group, which together holds all E experts of every MoE layer (E_loc each,
+`racedit.models.moe.shard_experts`); the n_proc/n_ep expert groups are data-parallel replicas of one another. Everything but the experts is replicated
+(DDP) or sharded over all n_proc processes (FSDP) as without expert parallelism; the expert weights are left out
 of both (`expert_parameters`), because their processes hold different experts.
 
 Gradients. Each process's loss is the mean over its own batch, and DDP and FSDP average the gradients over the
-W processes, so the step follows the whole batch's mean loss. An expert's gradient on its process already sums
+n_proc processes, so the step follows the whole batch's mean loss. An expert's gradient on its process already sums
 the rows of every process of the expert group (the backward's exchange brings them), so it only needs the sum
-over the data-parallel replicas of its shard and the same 1/W: `reduce_expert_gradients`, one all_reduce over
+over the data-parallel replicas of its shard and the same 1/n_proc: `reduce_expert_gradients`, one all_reduce over
 the data dimension. The gradient norm for clipping counts every expert once (`clip_grad_norm_`).
 
 State. Checkpoints hold every expert: the consolidated safetensors gather each expert group's shards
@@ -17,7 +17,7 @@ State. Checkpoints hold every expert: the consolidated safetensors gather each e
 expert dimension, replicated over the data dimension; `to_checkpoint` / `from_checkpoint`), so DCP reshards
 them for a resume with another n, with or without FSDP, on any number of processes.
 
-Letters (docs/method/README.md): W processes, n processes per expert group, E experts.
+Letters (docs/method/README.md): n_proc processes, n_ep processes per expert group, E experts, E_loc = E/n_ep.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ExpertLayout:
     """Where the experts live: the (data, expert) mesh and its two kinds of process groups."""
 
     mesh: DeviceMesh
-    size: int  # n, processes per expert group
+    size: int  # n_ep, processes per expert group
 
     @property
     def expert_group(self):
@@ -86,7 +86,7 @@ def ignore_experts_in_ddp(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def reduce_expert_gradients(model: torch.nn.Module, layout: ExpertLayout) -> None:
-    """Each expert gradient <- (sum over the data-parallel replicas of its shard) / W, in one all_reduce over the
+    """Each expert gradient <- (sum over the data-parallel replicas of its shard) / n_proc, in one all_reduce over the
     data dimension (see the module doc); a missing gradient counts as zero, so every process calls the same."""
     params = list(expert_parameters(model).values())
     if not params:
