@@ -43,7 +43,7 @@ def ckpt(root, step):
 # run name -> (processes, overrides, the run and step it resumes from)
 JOBS = {
     "one": (1, [], None),
-    "ep2": (2, ["model.expert_parallel=2"], None),
+    "ep2": (2, ["model.expert_parallel=2", "train.grad_checkpointing=true"], None),
     "ep2_fsdp": (2, ["model.expert_parallel=2", *FSDP], None),
     "ep4": (4, ["model.expert_parallel=4"], None),
     "dp2_ep2_fsdp": (4, ["model.expert_parallel=2", *FSDP], None),
@@ -51,6 +51,10 @@ JOBS = {
     "ep4_as_2x2": (4, ["model.expert_parallel=2"], ("ep4", STEP)),  # another expert-parallel size
     "ep2_fsdp_on_1": (1, [], ("ep2_fsdp", STEP)),
     "one_as_ep2": (2, ["model.expert_parallel=2"], ("one", STEP)),  # a one-process checkpoint, expert-parallel
+    # accumulated micro-batches: the expert gradients are reduced once, at the last (token choice: a selection
+    # per token, so the same pairs however the batch is split)
+    "ddp2_accum": (2, ["train.grad_accum=2", "model.routing=token_choice"], None),
+    "ep2_accum": (2, ["train.grad_accum=2", "model.routing=token_choice", "model.expert_parallel=2"], None),
 }
 
 
@@ -98,6 +102,11 @@ def test_expert_parallel_trains_as_one_process(runs, run):
     # the consolidated checkpoint holds all E experts, equal to the one-process run's
     assert load_weights(ckpt(runs / run, 6), "ema")["blocks.0.mlp.experts.w1"].shape[0] == 4
     assert_close_weights(ckpt(runs / run, 6), ckpt(runs / "one", 6))
+
+
+def test_expert_parallel_accumulates_as_data_parallel(runs):
+    assert losses(runs / "ep2_accum") == pytest.approx(losses(runs / "ddp2_accum"), rel=1e-6)
+    assert_close_weights(ckpt(runs / "ep2_accum", 6), ckpt(runs / "ddp2_accum", 6))
 
 
 def test_expert_shards_are_dcp_files_of_every_process(runs, tmp_path):
