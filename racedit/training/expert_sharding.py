@@ -22,6 +22,7 @@ Letters (docs/method/README.md): n_proc processes, n_ep processes per expert gro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -104,15 +105,17 @@ def reduce_expert_gradients(model: torch.nn.Module, layout: ExpertLayout) -> Non
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float, layout: ExpertLayout) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over all of `model`'s gradients, each expert counted once: the norm of the
     replicated or FSDP-sharded gradients, and the sum of squares of the expert gradients over the expert group.
-    Returns the total norm before clipping (a float32 tensor, the same on every process)."""
+    Returns the total norm before clipping (float32, float64 for float64 gradients; the same on every process)."""
     experts = {id(p) for p in expert_parameters(model).values()}
     grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
     expert_grads = [p.grad for p in expert_parameters(model).values() if p.grad is not None]
     device = next(model.parameters()).device
-    others = full(torch.nn.utils.get_total_norm(grads)).float() if grads else torch.zeros((), device=device)
-    square = torch.zeros((), device=device, dtype=torch.float32)
+    # at least float32 (bf16 squares would lose the norm), float64 gradients keep theirs: torch's clip does too
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads + expert_grads], torch.float32)
+    others = full(torch.nn.utils.get_total_norm(grads)).to(dtype) if grads else torch.zeros((), device=device)
+    square = torch.zeros((), device=device, dtype=dtype)
     for g in expert_grads:
-        square += g.detach().float().pow(2).sum()
+        square += g.detach().to(dtype).pow(2).sum()
     dist.all_reduce(square, group=layout.expert_group)
     total = (others.to(device).pow(2) + square).sqrt()
     if math.isfinite(max_norm):
