@@ -62,16 +62,19 @@ def check_moe_shape(model: Any) -> None:
                           f"(the name's -kinE where they are not set), got k={k}, E={experts}") from None
 
 
-def check_batch_layout(cfg: Any, world_size: int = 1) -> None:
+def check_batch_layout(cfg: Any, world_size: int | None = None) -> None:
     """Raise ConfigError unless train.global_batch splits into train.grad_accum x `world_size` equal
-    micro-batches and each routing group of such a micro-batch (of all ranks' with race_scope=global) selects
-    a whole number of pairs. `validate` checks one process; `racedit.training.loop.train` its process count."""
+    micro-batches, each routing group of such a micro-batch (of all ranks' with race_scope=global) selects
+    a whole number of pairs, and expert groups of model.expert_parallel processes tile them. `validate` checks
+    one process (None) and leaves the expert groups to the launch: a checkpoint of an expert-parallel run
+    loads on one process; `racedit.training.loop.train` checks its process count."""
     tc, model = cfg.train, cfg.model
+    launched, world_size = world_size is not None, world_size or 1
     parts = tc.grad_accum * world_size
     if tc.global_batch % parts:
         raise ConfigError(f"bad value for 'train.global_batch': {tc.global_batch} is not divisible by "
                           f"train.grad_accum x processes = {tc.grad_accum} x {world_size}")
-    if world_size % model.expert_parallel:
+    if launched and world_size % model.expert_parallel:
         raise ConfigError(f"bad value for 'model.expert_parallel': {model.expert_parallel} does not divide the "
                           f"{world_size} process(es); expert groups of {model.expert_parallel} must tile them")
     if model.routing == "bl_choice" and resolved_sizes(model)["moe_experts"]:
