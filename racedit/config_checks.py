@@ -65,7 +65,8 @@ def check_moe_shape(model: Any) -> None:
 def check_batch_layout(cfg: Any, world_size: int = 1) -> None:
     """Raise ConfigError unless train.global_batch splits into train.grad_accum x `world_size` equal
     micro-batches and each routing group of such a micro-batch (of all ranks' with race_scope=global) selects
-    a whole number of pairs. `validate` checks one process; `racedit.training.loop.train` its process count."""
+    a whole number of pairs. `validate` checks one process; `racedit.training.loop.train` its process count
+    (and `check_expert_parallel` the expert groups: a checkpoint of an expert-parallel run loads on one process)."""
     tc, model = cfg.train, cfg.model
     parts = tc.grad_accum * world_size
     if tc.global_batch % parts:

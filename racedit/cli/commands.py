@@ -198,6 +198,7 @@ def run_sample(args) -> int:
     from racedit.config import CHOICES, check_sample
     from racedit.sampling import (
         check_grid_out,
+        expert_group_of,
         grid_for_classes,
         grid_metadata,
         load_for_sampling,
@@ -221,7 +222,7 @@ def run_sample(args) -> int:
         loaded = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=default_device(device), vae=args.vae,
                                    calibrate_threshold=args.calibrate_threshold,
                                    calibration_batch=args.calibration_batch, progress=not args.quiet,
-                                   compile=args.compile)
+                                   compile=args.compile, expert_parallel=args.expert_parallel)
         main_process = state is None or state.is_main_process
         if loaded.threshold_calibration is not None and not args.quiet and main_process:
             print(loaded.threshold_calibration.summary())
@@ -236,7 +237,8 @@ def run_sample(args) -> int:
                 print(f"sampling {n} images from {loaded.path} ({loaded.weights} "
                       f"weights): {scfg.sampler} {scfg.steps} steps, cfg {scfg.cfg_scale} on "
                       f"{scfg.guidance_channels or 'all'} channels, seed {args.seed}, batch {args.batch_size} "
-                      f"x {state.num_processes} process(es)")
+                      f"x {state.num_processes} process(es)" + (f", experts split over groups of {group.size()}"
+                                                                 if (group := expert_group_of(loaded.model)) else ""))
             write_samples_npz(loaded, args.num_samples, args.out, scfg, seed=args.seed, batch_size=args.batch_size,
                               per_class=args.per_class, max_batches=args.max_batches, progress=not args.quiet,
                               overwrite=args.overwrite)

@@ -25,7 +25,9 @@ from racedit.diffusion.samplers import generate
 from racedit.fileio import atomic_path
 from racedit.models import DiT
 from racedit.models.compiling import compile_model
+from racedit.models.moe import shard_experts
 from racedit.sampling.calibration import ThresholdCalibration, calibrate_thresholds
+from racedit.sampling.expert_groups import sampling_expert_group
 from racedit.seeding import Purpose, seed_for
 
 
@@ -44,7 +46,8 @@ class LoadedCheckpoint:
 
 def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
                       vae: str | None = None, calibrate_threshold: int = 0, calibration_batch: int | None = None,
-                      calibration_seed: int = 0, progress: bool = False, compile: bool = False) -> LoadedCheckpoint:
+                      calibration_seed: int = 0, progress: bool = False, compile: bool = False,
+                      expert_parallel: int | None = 1) -> LoadedCheckpoint:
     """Load a checkpoint (EMA weights by default) into an eval-mode model.
 
     `calibrate_threshold` > 0 recalibrates the inference threshold tau of the loaded weights on that many
@@ -54,6 +57,9 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     checkpoint that does not fit the model its config describes, and ValueError for a calibration
     request on a model without threshold routing. `compile`: `racedit.models.compiling.compile_model` (one
     graph; a new batch size compiles once more, a new routing count or tau never does), after calibrating.
+    `expert_parallel`: under a process group of several processes, split the experts over groups of this many
+    (None: the checkpoint's model.expert_parallel; `racedit.sampling.expert_groups`, collective); its MoE
+    forwards must then run in lockstep (`write_samples_npz` does). One process always holds the whole model.
     """
     which = "ema" if use_ema else "model"
     model, cfg, ckpt = load_model(path, which)
@@ -65,6 +71,9 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
         data = training_batches(cfg, batch, calibration_seed, device)
         calibration = calibrate_thresholds(model, objective, data, calibrate_threshold,
                                            model.config.class_dropout_prob, seed=calibration_seed, progress=progress)
+    size = cfg.model.expert_parallel if expert_parallel is None else expert_parallel
+    shard_experts(model, sampling_expert_group(model, size, "model.expert_parallel" if expert_parallel is None
+                                               else "--expert-parallel"))
     if compile:
         compile_model(model)
     # `vae` (hub id or local dir) overrides the VAE named in the config or the latent manifest.
@@ -92,10 +101,10 @@ def _sample_shape(model: DiT) -> tuple[int, int, int]:
     return model.in_channels, model.input_size, model.input_size
 
 
-def _generate_decoded(model: DiT, objective: Objective, codec: Codec, labels: torch.Tensor, noise: torch.Tensor,
-                      generator, sample_cfg: SampleConfig, progress: bool = False) -> torch.Tensor:
+def _generate_decoded(model: DiT, objective: Objective, codec: Codec | None, labels: torch.Tensor, noise: torch.Tensor,
+                      generator, sample_cfg: SampleConfig, progress: bool = False) -> torch.Tensor | None:
     """The sampling core: eval mode, `generate` from `noise` (B, C, H, W), decode; images (B, ...) on the CPU.
-    `generator` (one, or one per sample) drives any sampler step noise."""
+    `generator` (one, or one per sample) drives any sampler step noise. codec None: no decode, returns None."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -103,9 +112,20 @@ def _generate_decoded(model: DiT, objective: Objective, codec: Codec, labels: to
         z = generate(model, objective, labels.to(device), sampler=sample_cfg.sampler, steps=sample_cfg.steps,
                      cfg_scale=sample_cfg.cfg_scale, guidance_channels=sample_cfg.guidance_channels,
                      shape=_sample_shape(model), noise=noise.to(device), generator=generator, progress=progress)
-        return codec.decode(z).float().cpu()
+        return None if codec is None else codec.decode(z).float().cpu()
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def idle_forwards(model: DiT, objective: Objective, sample_cfg: SampleConfig, batch: int) -> None:
+    """The model forwards of sampling `batch` images, whose results are dropped (zero noise, class 0, no decode):
+    what a process of an expert group with no batch left runs while the others sample one (each MoE forward is
+    collective over the group, and every batch makes the sampler's same forwards). B = 0 does not route."""
+    device = next(model.parameters()).device
+    labels = torch.zeros(batch, dtype=torch.int64)
+    noise = torch.zeros(batch, *_sample_shape(model))
+    _generate_decoded(model, objective, None, labels, noise, torch.Generator(device).manual_seed(0), sample_cfg)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

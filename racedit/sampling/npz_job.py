@@ -6,6 +6,7 @@ verified and assembled at the end.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from racedit.checkpoint import step_of
@@ -23,8 +25,10 @@ from racedit.models.moe import threshold_layers
 from racedit.npz import read_npz_metadata, write_image_npz
 from racedit.outputs import OVERWRITE_FLAG, refuse_existing
 from racedit.runlock import lock_on_main
+from racedit.sampling.expert_groups import expert_group_of, group_agrees
 from racedit.sampling.generate import (
     LoadedCheckpoint,
+    idle_forwards,
     read_grid_metadata,
     sample_indexed,
     sample_labels,
@@ -190,6 +194,8 @@ def write_samples_npz(loaded: LoadedCheckpoint, num_samples: int | None, out: st
     streams them into `out` (atomic rename) and removes the parts. Sample i depends only on (seed, i) and the
     per-device batch (see `sample_indexed`), so the file does not depend on the number of processes or on
     resuming. The parts directory must be on a filesystem all processes share.
+    Expert-parallel (a model `load_for_sampling` split over expert groups): the processes of each group
+    sample round by round together; one with no batch left runs a batch's forwards and drops the images.
 
     labels: given explicitly, else `sample_labels(num_samples, classes, seed, per_class)`.
     max_batches: stop after this many new batches on each process (time-limited jobs); returns None then,
@@ -286,7 +292,9 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
         say(f"resuming: {len(done)} of {num_batches} batches already in {parts}")
     bar = tqdm(total=pending, desc=f"sample x{world} proc" if world > 1 else "sample", unit="img",
                disable=not (progress and is_main), smoothing=0.1)
-    t0, made = time.perf_counter(), 0
+    t0 = time.perf_counter()
+
+    group = expert_group_of(loaded.model)  # expert-parallel: the MoE forwards of its processes run in lockstep
 
     def make(b: int) -> int:
         idx = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
@@ -294,13 +302,30 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
         _save_batch(parts, b, to_uint8_nhwc(images), idx.numpy(), labels[idx].numpy())
         return len(idx)
 
+    def make_all(batches: list[int], limit: int | None = None, stop: StopSignals | None = None, bar=None) -> int:
+        """Sample the first `limit` of `batches` (all: None), or until `stop`; the number of images made. In an
+        expert group, round by round with the others of the group (`racedit.sampling.expert_groups`)."""
+        count = 0
+        for j in itertools.count():
+            more = j < len(batches) and (limit is None or j < limit)
+            stopping = stop is not None and stop.requested
+            if group is not None:
+                any_more, stopping = group_agrees(group, more, stopping, next(loaded.model.parameters()).device)
+            else:
+                any_more = more
+            if stopping or not any_more:
+                return count
+            if not more:  # the others of the group sample a batch: run its forwards with them
+                idle_forwards(loaded.model, loaded.objective, sample_cfg, min(n, batch_size))
+                continue
+            k = make(batches[j])
+            count += k
+            if bar is not None:
+                bar.update(min(k * world, bar.total - bar.n))  # rank 0 stands for all ranks
+        return count
+
     with StopSignals("the current batch", announce=is_main) as stop:  # SIGINT/TERM/USR1: keep the batches done
-        for j, b in enumerate(todo):
-            if (max_batches is not None and j >= max_batches) or stop.requested:
-                break
-            k = make(b)
-            made += k
-            bar.update(min(k * world, bar.total - bar.n))  # rank 0 stands for all ranks
+        made = make_all(todo, max_batches, stop, bar)
     bar.close()
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
@@ -315,10 +340,17 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
         say(f"{num_batches - len(missing)} of {num_batches} batches are in {parts}; run the same command again "
             f"to continue")
         return None
+    # each batch hashed once, just before it is assembled; a damaged one is removed and sampled again: by the
+    # main process, or, expert-parallel, by the process it belongs to with its group in lockstep
+    damaged = [b for b in range(num_batches) if not _drop_damaged(parts, b, hash_it=True)] if is_main else []
+    if group is not None:
+        shared = [damaged]
+        dist.broadcast_object_list(shared, src=0)
+        make_all([b for b in shared[0] if b % world == rank])
+        state.wait_for_everyone()
+    else:
+        make_all(damaged)
     if is_main:
-        for b in range(num_batches):  # each batch hashed once, just before it is assembled; a damaged one is redone
-            if not _drop_damaged(parts, b, hash_it=True):
-                make(b)
         _assemble(parts, out, num_batches, labels, batch_size, meta)
         shutil.rmtree(parts, ignore_errors=True)
         say(f"wrote {n} samples to {out}")
