@@ -1,7 +1,9 @@
-"""Bytes and time of race_scope=global per MoE layer: the all-gather path against radix select.
+"""Bytes and time of race_scope=global per MoE layer: the all-gather path against radix select; expert
+parallelism's all-to-all bytes per layer and expert weights per process (bench/ep_traffic.py).
 
     python bench/comm_scaling.py                    # RaceDiT-XL/2-4in32 layer, per-process batch 32, 2 and 4 gloo processes
     python bench/comm_scaling.py --batch 8 --iters 5
+    python bench/comm_scaling.py --only-expert-parallel   # the expert-parallel tables alone
 
 Each process wraps `torch.distributed.all_reduce` and `all_gather` with a counter and runs, for each path, one
 layer's global selection (`routing.select_global`, Expert Race) and the router similarity and balance losses
@@ -10,7 +12,10 @@ bytes of results it gets from the other ranks (an all_reduce's result, the other
 all_gather). The formulas below are checked against the counts at the measured process counts, then
 extrapolated to 8, 64 and 512 processes. The selection alone is then timed per path (median over --iters,
 the slowest rank of each call). Paths: gather (the scores all-gathered), radix 4x256 (4 rounds of 256 bins,
-the default) and radix 2x65536. The radix masks are checked equal to the gather mask.
+the default) and radix 2x65536. The radix masks are checked equal to the gather mask. Then the expert-parallel
+tables (`ep_traffic.report`, skipped by --no-expert-parallel): all-to-all bytes of a small sharded RaceDiT's
+training forward and backward, counted at the same process counts, the expert weights per process, and the
+model of both at RaceDiT-XL/2-4in32 size for expert groups up to 512.
 
 Letters (docs/method/README.md): B images per process, L tokens per image, E experts, k experts per token
 on average, N = B*L tokens, w processes, G groups (1 for Expert Race).
@@ -31,6 +36,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ep_traffic  # noqa: E402  (bench/, beside this file)
 
 from racedit.models.losses import balance_loss, router_similarity_loss  # noqa: E402
 from racedit.models.routing import select_global  # noqa: E402
@@ -140,7 +147,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=7, help="timed selections per path (default 7)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="gloo process counts to measure")
     parser.add_argument("--tmp", default="/tmp/racedit-comm-scaling", help="scratch directory")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--only-expert-parallel", action="store_true", help="only the expert-parallel tables")
+    parts.add_argument("--no-expert-parallel", action="store_true", help="skip the expert-parallel tables")
     args = parser.parse_args()
+    if args.only_expert_parallel:
+        print(f"torch {torch.__version__}, gloo on CPU, 1 thread per process\n")
+        ep_traffic.report(args.worlds, Path(args.tmp))
+        return
+    global_race(args)
+    if not args.no_expert_parallel:
+        print()
+        ep_traffic.report(args.worlds, Path(args.tmp))
+
+
+def global_race(args) -> None:
     B = args.batch
     print(f"RaceDiT-XL/2-{K_ACTIVE}in{E} MoE layer, B={B} images per process, L={L}, E={E}, Expert Race, "
           f"float32 scores; torch {torch.__version__}, gloo on CPU, 1 thread per process\n")

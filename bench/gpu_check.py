@@ -10,7 +10,8 @@ Stages, in order (bench/gpu_correctness.py, bench/gpu_speed.py):
    on the device exactly what the CPU selects; threshold routing is batch-independent; no device-to-host
    synchronisation in the MoE training forward/backward; 300-step bf16 digits runs, eager and compiled.
 3. speed, most important rows first: ceilings (bf16 matmul, copy), bf16 training img/s, MFU and peak memory,
-   sampling img/s, Inception features img/s. A row whose estimate does not fit what is left of --budget-s
+   sampling img/s, Inception features img/s, expert-parallel training against data-parallel (several GPUs; a
+   skip note on one). A row whose estimate does not fit what is left of --budget-s
    (default 420 s, counted from the start) is skipped with a note; a row that fails is noted and the run goes on.
 4. results: DIR/gpu_check.json (everything) and DIR/gpu_check.md (the table), written after every stage, so
    a run cut short still leaves what it measured; the table is printed last. DIR is --out, else $OUT, else
@@ -75,10 +76,20 @@ def plan(smoke: bool) -> list[dict]:
         rows += train([(m, 2, False, 1) for m in TRAIN_MODELS])
         rows += sample([(m, 1) for m, _ in SAMPLING])
         rows += train([("RaceDiT-B/2-2in8", 2, True, 5)])  # one compiled row: tracing costs ~10 s on a CPU
-        return rows + [{"kind": "inception", "name": "inception features", "estimate_s": 2}]
+        rows.append({"kind": "inception", "name": "inception features", "estimate_s": 2})
+        return rows + [expert_parallel(smoke, 30)]  # 30 s: mostly the imports of 2 spawned processes
     rows += train(TRAIN_FIRST) + sample(SAMPLING) + train(TRAIN_COMPILED_FIRST)
     rows.append({"kind": "inception", "name": "inception features", "estimate_s": 15})
+    rows.append(expert_parallel(smoke, 60))
     return rows + train(TRAIN_LATER)
+
+
+def expert_parallel(smoke: bool, estimate_s: float) -> dict:
+    """The expert-parallel row (gpu_speed.expert_parallel_row): run on 2+ GPUs, a skip note on fewer."""
+    from gpu_speed import EXPERT_PARALLEL_BATCH, EXPERT_PARALLEL_MODEL
+
+    name = f"expert-parallel {EXPERT_PARALLEL_MODEL} b{2 if smoke else EXPERT_PARALLEL_BATCH}/process vs data-parallel"
+    return {"kind": "expert_parallel", "name": name, "estimate_s": estimate_s}
 
 
 def fits(row: dict, elapsed: float, budget: float) -> str | None:
@@ -166,7 +177,7 @@ class Report:
 
 
 def _table_order(r: dict):
-    kinds = ["ceilings", "train", "sampling", "inception"]
+    kinds = ["ceilings", "train", "sampling", "inception", "expert_parallel"]
     if r["kind"] == "train":
         model, batch, mode = r["name"].split()[1:4]
         size = "XL" if "XL" in model else "B"
@@ -227,6 +238,9 @@ def run_speed(report: Report, rows: list[dict], device: torch.device, smoke: boo
         skip = fits(row, report.elapsed(), budget)
         if row["kind"] != "ceilings" and peak is None:
             skip = "skipped: no matmul ceiling measured (MFU has no denominator)"
+        if row["kind"] == "expert_parallel" and S.expert_parallel_size(device, smoke) < 2:
+            skip = (f"skipped: needs 2 or more GPUs, torch.cuda.device_count() is {torch.cuda.device_count()} "
+                    f"(expert parallelism runs the experts on several processes)")
         if skip:
             entry["status"] = skip
             print(f"-- {row['name']}: {skip}", flush=True)
@@ -246,6 +260,8 @@ def run_speed(report: Report, rows: list[dict], device: torch.device, smoke: boo
                 entry.update(S.train_row(row["row"], device, smoke, peak, iters=2 if smoke else 10))
             elif row["kind"] == "sampling":
                 entry.update(S.sampling_row(row["model"], device, smoke, peak, batch=2 if smoke else 256))
+            elif row["kind"] == "expert_parallel":
+                entry.update(S.expert_parallel_row(device, smoke, S.expert_parallel_size(device, smoke)))
             else:
                 entry.update(S.inception_row(device, smoke, report.scratch))
             entry["status"] = "ok"
@@ -264,7 +280,8 @@ def run_speed(report: Report, rows: list[dict], device: torch.device, smoke: boo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()
-                   if k in ("img_per_s", "mfu", "peak_mem_gib", "compile_s", "matmul_tflops", "copy_gbps")}
+                   if k in ("img_per_s", "mfu", "peak_mem_gib", "compile_s", "matmul_tflops", "copy_gbps",
+                            "ep_over_dp")}
         print(f"   {entry['status']} ({entry['seconds']:.1f}s) {summary}", flush=True)
         report.speed(entry)
 

@@ -1,4 +1,5 @@
-"""The speed stages of bench/gpu_check.py: the machine's ceilings, bf16 training, sampling, Inception features.
+"""The speed stages of bench/gpu_check.py: the machine's ceilings, bf16 training, sampling, Inception features,
+expert-parallel training on several GPUs.
 
 Timing: on CUDA each timed call sits between two CUDA events and its time is read after the end event
 completes; on CPU (`--smoke`) `time.perf_counter` around it. Warm-up calls are not timed, the first call of
@@ -14,8 +15,10 @@ Letters (docs/method/README.md): B images per step.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -249,3 +252,35 @@ def inception_row(device: torch.device, smoke: bool, workdir) -> dict:
             patch.stop()
     notes = ["smoke: Inception input 75x75 instead of 299x299"] if smoke else []
     return {"img_per_s": n / statistics.median(times), "peak_mem_gib": peak_memory_gib(device), "notes": notes}
+
+
+# The expert-parallel row: model.expert_parallel = n over n GPUs (nccl) against the same model data-parallel.
+EXPERT_PARALLEL_MODEL, EXPERT_PARALLEL_BATCH = "RaceDiT-B/2-4in32", 32
+
+
+def expert_parallel_size(device: torch.device, smoke: bool) -> int:
+    """n for the expert-parallel row: 2 gloo processes on CPU (--smoke); on CUDA the largest power of two <= the
+    GPU count, at most 8 (it divides E = 32); 1 (no row) with fewer than 2 GPUs."""
+    if smoke or device.type != "cuda":
+        return 2
+    count = torch.cuda.device_count()
+    return 1 if count < 2 else min(8, 1 << (count.bit_length() - 1))
+
+
+def expert_parallel_row(device: torch.device, smoke: bool, n: int) -> dict:
+    """bf16-autocast train steps (fwd, bwd, AdamW; no gradient reduction) of RaceDiT-B/2-4in32 at batch 32 per
+    process: expert-parallel over n processes against data-parallel on the same n (bench/ep_step.py); images/s
+    over all n processes from the expert-parallel median step."""
+    import ep_step
+
+    spec = dict(model=EXPERT_PARALLEL_MODEL, batch=2 if smoke else EXPERT_PARALLEL_BATCH, warmup=1 if smoke else 3,
+                iters=2 if smoke else 10, device=device.type, backend="nccl" if device.type == "cuda" else "gloo",
+                bf16=True, overrides=dict(SMOKE_SIZE, num_classes=10) if smoke else {})
+    with tempfile.TemporaryDirectory(prefix="gpu-check-ep-") as tmp:
+        s = ep_step.summary(ep_step.run(spec, n, Path(tmp)))
+    where = f"{n} {spec['backend']} processes" + (" on CPU (smoke)" if device.type == "cpu" else " on GPUs")
+    notes = [f"{where}: expert-parallel step {s['ep_ms']:.1f} ms, data-parallel {s['dp_ms']:.1f} ms, "
+             f"ratio {s['ep_over_dp']:.2f}; {s['experts_here']} of {s['experts']} experts per process; "
+             f"first-step loss gap {s['first_loss_gap']:.1e}; no gradient reduction in either"]
+    return {"img_per_s": n * spec["batch"] * 1e3 / s["ep_ms"], "step_ms": s["ep_ms"], "dp_step_ms": s["dp_ms"],
+            "ep_over_dp": s["ep_over_dp"], "peak_mem_gib": s["peak_mem_gib"], "notes": notes}

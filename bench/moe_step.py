@@ -3,6 +3,7 @@
     python bench/moe_step.py                      # CPU: DiT-S/2 vs RaceDiT-S/2-2in8 and -4in32, batch 8
     python bench/moe_step.py --iters 20 --no-memory
     python bench/moe_step.py --only-compiled --compile-units model block   # eager vs compiled, both units
+    python bench/moe_step.py --only-expert-parallel --threads 1   # RaceDiT-S/2-2in8, 2 gloo processes
 
 One run prints markdown tables. Train step = forward (with a ForwardRecord, as in training) + backward +
 AdamW step + the inference thresholds' update. Models are timed in interleaved rounds (dense, MoE, MoE,
@@ -12,7 +13,9 @@ the racedit::expert_mlp custom op: per-expert matmuls on host-read counts) again
 matmul), side by side. Peak memory is
 the peak resident set of a fresh subprocess running two train steps of one model (CPU), or
 torch.cuda.max_memory_allocated (GPU). When CUDA is available, a second table gives bf16-autocast
-images/s of DiT-B/2 against RaceDiT-B/2-4in32.
+images/s of DiT-B/2 against RaceDiT-B/2-4in32. --expert-parallel adds (--only-expert-parallel: only) the
+train step of RaceDiT-S/2-2in8 with model.expert_parallel=2 over 2 spawned gloo processes against the same
+model data-parallel on the 2 processes (bench/ep_step.py).
 
 Letters (docs/method/README.md): B images per step, L tokens per image, D width, E experts, k experts per
 token on average.
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ep_step  # noqa: E402  (bench/, beside this file)
 
 from racedit.models import count_params, create_model  # noqa: E402
 from racedit.models.compiling import compile_model  # noqa: E402
@@ -277,6 +282,14 @@ def layer_table(args, device: torch.device) -> None:
                       times, "dense")
 
 
+def expert_parallel_table(args, device: torch.device) -> None:
+    """RaceDiT-S/2-2in8 expert-parallel (E/2 experts each) against data-parallel, 2 gloo processes of
+    --threads threads (1 if unset) each: `ep_step`."""
+    spec = dict(model=CPU_MODELS[1], batch=args.batch, warmup=args.warmup, iters=args.iters, device=device.type,
+                backend="gloo", threads=args.threads or 1)
+    ep_step.print_table(spec, 2, ep_step.run(spec, 2, Path("/tmp/racedit-moe-step-ep")))
+
+
 def print_layer_table(title: str, times: dict[str, dict], baseline: str, digits: int = 2) -> None:
     """A markdown table of `timed_rounds` results: wall ms, ratio to the first row (`baseline`), CPU ms."""
     first = next(iter(times))
@@ -304,6 +317,9 @@ def main() -> None:
     parser.add_argument("--compile-units", nargs="+", default=["model"], choices=["model", "block"],
                         help="compile the whole model and/or each block (default: model)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="also time RaceDiT-S/2-2in8 expert-parallel against data-parallel, 2 gloo processes")
+    parser.add_argument("--only-expert-parallel", action="store_true", help="only the expert-parallel table")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -315,10 +331,12 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"# bench/moe_step.py\n\n{machine_line(cpu)}")
     print(f"command: python bench/moe_step.py {' '.join(sys.argv[1:])}".rstrip())
-    if args.only_compiled:
-        compiled_table(args, cpu)
+    if args.only_compiled or args.only_expert_parallel:
+        (compiled_table if args.only_compiled else expert_parallel_table)(args, cpu)
         print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
         return
+    if args.expert_parallel:
+        expert_parallel_table(args, cpu)
     if not args.only_connections:
         layer_table(args, cpu)
         model_table(CPU_MODELS, args, cpu, bf16=False)

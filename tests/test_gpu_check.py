@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -32,7 +33,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
         if name != "environment":
             assert any("on CPU" in n for n in c["notes"]), name
     kinds = {r["kind"] for r in result["speed"]}
-    assert kinds == {"ceilings", "train", "sampling", "inception"}
+    assert kinds == {"ceilings", "train", "sampling", "inception", "expert_parallel"}
     assert all(r["status"] == "ok" for r in result["speed"]), [(r["name"], r["status"]) for r in result["speed"]]
     assert any("compiled" in r["name"] for r in result["speed"])
     # the table is printed last and names every row
@@ -47,7 +48,8 @@ def test_budget_skips_what_does_not_fit_with_a_note():
     rows = gpu_check.plan(smoke=False)
     assert rows[0]["kind"] == "ceilings" and rows[1]["name"] == "train DiT-XL/2 b64 eager"
     names = [r["name"] for r in rows]
-    assert len(names) == len(set(names)) == 1 + 20 + 2 + 1  # ceilings, 5 models x 2 batches x 2 modes, 2 sampling
+    # ceilings, 5 models x 2 batches x 2 modes, 2 sampling, inception, expert-parallel
+    assert len(names) == len(set(names)) == 1 + 20 + 2 + 1 + 1
     assert [r["kind"] for r in rows[3:6]] == ["sampling", "sampling", "train"]  # sampling before compiling
     assert gpu_check.fits(rows[1], elapsed=0, budget=420) is None
     note = gpu_check.fits(rows[1], elapsed=410, budget=420)
@@ -106,3 +108,23 @@ def test_a_failed_check_is_reported_and_stops_the_speed_rows(tmp_path, monkeypat
     assert len(statuses) == 6 and list(statuses.values()).count("FAIL") == 1  # the others still ran
     assert result["status"] == "FAIL" and result["speed"] == []
     assert "selects 3 pairs differently" in capsys.readouterr().out.rsplit("| check |", 1)[1]
+
+
+@pytest.mark.parametrize("count, n", [(0, 1), (1, 1), (2, 2), (3, 2), (4, 4), (16, 8)])
+def test_expert_parallel_row_runs_on_several_gpus_and_is_skipped_with_a_note_on_one(tmp_path, monkeypatch, count, n):
+    import types
+
+    import gpu_speed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    cuda = torch.device("cuda")
+    assert gpu_speed.expert_parallel_size(cuda, smoke=False) == n
+    if n > 1:
+        return
+    ran = []
+    monkeypatch.setattr(gpu_speed, "expert_parallel_row", lambda *a: ran.append(a) or {})
+    report = gpu_check.Report(tmp_path, types.SimpleNamespace(smoke=False, budget_s=420.0), tmp_path)
+    gpu_check.run_speed(report, [gpu_check.expert_parallel(False, 60)], cuda, smoke=False, budget=420.0)
+    (entry,) = report.data["speed"]
+    assert not ran and entry["status"].startswith(f"skipped: needs 2 or more GPUs, torch.cuda.device_count() is {count}")
+    assert "needs 2 or more GPUs" in (tmp_path / "gpu_check.md").read_text()
