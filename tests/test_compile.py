@@ -7,7 +7,8 @@ AOT autograd's joint forward-backward graph: what fullgraph and the recompile gu
 few models go through inductor, the backend `train.compile` uses. Each mixed model covers several
 families at once: its blocks' routers are set to the six strategies (a router's strategy is a Python
 attribute, so each block traces its own selection), with one gating per model, connections and a memory
-layer.
+layer. Expert parallelism (two gloo processes, E/2 experts each) is compared with the eager expert-parallel model
+and with the unsharded one.
 
 Letters (docs/method/README.md): B images, L tokens per image, E experts, k experts per token on average.
 """
@@ -217,6 +218,143 @@ def test_global_race_compiles_once_and_matches_eager_on_two_processes(tmp_path):
     total = {step: sum(int(s[f"compiled{step}.mask"].sum()) for s in ranks) for step in range(3)}
     assert set(total.values()) == {(3 + 4) * 16 * 2}  # the global race selects N*k over both ranks
     assert len(shares) > 2  # while each rank's share moves
+
+
+# Expert parallelism (racedit.models.expert_parallel) compiled: 2 blocks, E=4 experts, two per process; rank 1 has the
+# larger batch. "local": 1in4, race local to each process; "global": 2in4, the global race, under activation
+# checkpointing. Steps 0 and 1 route freely; step 2 biases every router towards rank 0's experts so that rank 1
+# receives no row at all. Eval (the "local" model): the threshold at 0 (a data-dependent count of pairs per
+# batch), then above every score (no pair anywhere).
+EP_MODELS = {"local": dict(name="RaceDiT-S/2-1in4", depth=2, race_scope="local"),
+             "global": dict(name="RaceDiT-S/2-2in4", depth=2, race_scope="global", grad_checkpointing=True)}
+EP_EXPERTS, EP_STEPS, EP_EVAL_TAUS = 4, 3, (0.0, 0.0, 0.0, 1e9)
+
+
+def _ep_inputs(seed: int, b: int):
+    return tuple(a.double() if a.is_floating_point() else a for a in inputs(seed, b))
+
+
+def _ep_step(model, forward, x, t, y, target, prefix: str, saved: dict) -> None:
+    """One training forward and backward; saves the output, the mask of the first MoE layer and every gradient."""
+    model.zero_grad(set_to_none=False)
+    record = ForwardRecord()
+    out = forward(x, t, y, record=record)
+    (out - target).square().mean().backward()
+    saved[f"{prefix}.out"], saved[f"{prefix}.mask"] = out.detach(), record.moe[0].mask
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            saved[f"{prefix}.grad.{name}"] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+
+
+def _expert_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Per model: the expert-parallel model compiled ("compiled"), the same model eager ("eager") and the
+    unsharded model eager ("whole", all E experts on every process, float64 like the others)."""
+    torch.set_num_threads(1)
+    import copy
+    import time
+
+    import torch.distributed as dist
+
+    from racedit.models.moe import moe_layers, shard_experts
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        saved = {}
+        for tag, overrides in EP_MODELS.items():
+            torch._dynamo.reset()
+            whole = build(overrides, mix_strategies=False).double()
+            model = shard_experts(copy.deepcopy(whole), dist.group.WORLD)
+            whole.grad_checkpointing = False  # the reference recomputes nothing
+            compile_model(model, unit="model", backend="aot_eager")
+            for step in range(EP_STEPS):
+                batch = _ep_inputs(10 * step + rank, b=3 + rank)
+                biases = [m.router.gate_head.bias for net in (model, whole) for m in moe_layers(net)]
+                kept = [b.detach().clone() for b in biases]
+                if step == 2:  # every pair goes to rank 0's experts
+                    with torch.no_grad():
+                        for b in biases:
+                            b[: EP_EXPERTS // world] += 10.0
+                with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                    start = time.perf_counter()
+                    _ep_step(model, model, *batch, f"{tag}{step}.compiled", saved)
+                    saved[f"{tag}{step}.seconds"] = torch.tensor(time.perf_counter() - start)
+                _ep_step(model, model.forward, *batch, f"{tag}{step}.eager", saved)
+                _ep_step(whole, whole, *batch, f"{tag}{step}.whole", saved)
+                with torch.no_grad():
+                    for b, value in zip(biases, kept):
+                        b.copy_(value)
+            if tag != "local":
+                continue
+            model.eval(), whole.eval()
+            for i, tau in enumerate(EP_EVAL_TAUS):
+                for layer in (*threshold_layers(model), *threshold_layers(whole)):
+                    layer.tau.fill_(tau)
+                    layer.threshold_initialized.fill_(True)
+                x, t, y, _ = _ep_inputs(100 + 10 * i + rank, b=3 + rank)
+                with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=i > 0):
+                    record = ForwardRecord()
+                    saved[f"eval{i}.compiled"] = model(x, t, y, record=record)
+                    saved[f"eval{i}.mask"] = record.moe[0].mask
+                    saved[f"eval{i}.eager"] = model.forward(x, t, y)
+                    saved[f"eval{i}.whole"] = whole(x, t, y)
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_runs(tmp_path_factory):
+    return run_gloo_workers(_expert_parallel_worker, tmp_path_factory.mktemp("expert_parallel"), world=2,
+                            timeout=300)
+
+
+def _expert_grads_summed(ranks: list[dict], prefix: str, name: str, rank: int) -> torch.Tensor:
+    """The unsharded gradient of an expert weight summed over both processes' batches, cut to `rank`'s experts:
+    what the expert-parallel process holding those experts accumulates from every process's rows."""
+    total = sum(saved[f"{prefix}.whole.grad.{name}"] for saved in ranks)
+    per = EP_EXPERTS // len(ranks)
+    return total[rank * per:(rank + 1) * per]
+
+
+@pytest.mark.parametrize("tag", list(EP_MODELS))
+def test_expert_parallel_compiles_once_and_matches_eager_on_two_processes(expert_parallel_runs, tag):
+    """fullgraph=True with the row exchange's unbacked sizes: steps 1 and 2 change the per-process loads (and
+    step 2 leaves rank 1 without rows) without recompiling; the compiled outputs and every gradient equal the
+    eager expert-parallel model's, and both the unsharded model's."""
+    ranks = expert_parallel_runs
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for rank, saved in enumerate(ranks):
+        for step in range(EP_STEPS):
+            prefix = f"{tag}{step}"
+            assert torch.equal(saved[f"{prefix}.compiled.mask"], saved[f"{prefix}.whole.mask"])
+            torch.testing.assert_close(saved[f"{prefix}.compiled.out"], saved[f"{prefix}.eager.out"], **tol)
+            torch.testing.assert_close(saved[f"{prefix}.compiled.out"], saved[f"{prefix}.whole.out"], **tol)
+            names = [k.split(".grad.", 1)[1] for k in saved if k.startswith(f"{prefix}.compiled.grad.")]
+            assert any(".experts." in n for n in names) and len(names) > 20
+            for name in names:
+                got = saved[f"{prefix}.compiled.grad.{name}"]
+                torch.testing.assert_close(got, saved[f"{prefix}.eager.grad.{name}"], **tol, msg=name)
+                want = (_expert_grads_summed(ranks, prefix, name, rank) if ".experts." in name
+                        else saved[f"{prefix}.whole.grad.{name}"])
+                torch.testing.assert_close(got, want, **tol, msg=name)
+            if step == 2:  # rank 1's experts got no row: their gradients are exactly zero
+                assert not saved[f"{prefix}.compiled.mask"][:, EP_EXPERTS // 2:].any()
+                if rank == 1:
+                    assert all(not saved[f"{prefix}.compiled.grad.{n}"].any() for n in names if ".experts." in n)
+    loads = {tuple(saved[f"{tag}{step}.compiled.mask"].sum(0).tolist()) for saved in ranks for step in range(2)}
+    assert len(loads) == 4  # both processes, both free steps: four different per-expert loads
+
+
+def test_expert_parallel_eval_threshold_compiles_once_on_two_processes(expert_parallel_runs):
+    """Eval with the threshold: each batch selects its own number of pairs, including none at all (tau above
+    every score); one eval graph, outputs equal to the eager expert-parallel and the unsharded model's."""
+    counts = set()
+    for saved in expert_parallel_runs:
+        for i in range(len(EP_EVAL_TAUS)):
+            torch.testing.assert_close(saved[f"eval{i}.compiled"], saved[f"eval{i}.eager"], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(saved[f"eval{i}.compiled"], saved[f"eval{i}.whole"], rtol=1e-10, atol=1e-12)
+            counts.add(int(saved[f"eval{i}.mask"].sum()))
+    assert 0 in counts and len(counts) >= 5
 
 
 def test_compiled_training_resumes_bit_for_bit(tmp_path, monkeypatch):

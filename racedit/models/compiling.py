@@ -8,7 +8,10 @@ sizes their pair lists, which the compiler captures as an unbacked size only wit
 `capture_dynamic_output_shape_ops`; and a block under activation checkpointing writes the forward record,
 a side effect dynamo refuses to trace unless told not to replay it in the recomputation.
 `compile_model` sets both (`configure_dynamo`, process-wide dynamo settings), so a new count never
-recompiles; calling `torch.compile` on a racedit model directly needs the same settings.
+recompiles; calling `torch.compile` on a racedit model directly needs the same settings. Expert parallelism
+(`racedit.models.expert_parallel`) needs nothing more: its collectives are custom ops, and the number of rows a
+process receives is an unbacked size given by the row exchange's fake, so new loads (none included) do not
+recompile either.
 
 Letters (docs/method/README.md): B images.
 """

@@ -17,6 +17,9 @@ The backward mirrors it: autograd runs the inverse exchanges on the gradients (`
 `all_to_all_rows_sized` are custom ops with registered autograd, opaque to torch.compile, which sees an
 unbacked number of received rows). So an expert's weight gradient sums over the rows of every process of
 the expert group; `racedit.training.expert_sharding` reduces it over the data-parallel replicas of the shard.
+Everything else is index_select, repeat_interleave with its output size, sort and `expert_rows`, so a model
+compiles whole (`compile_model`, fullgraph=True, activation checkpointing and the eval threshold included)
+and a new per-process load never recompiles (tests/test_compile.py).
 
 Every process of the expert group must run each MoE layer together, also with no token selected (it may
 still receive rows): training steps do, and expert-parallel sampling runs the processes in lockstep.
