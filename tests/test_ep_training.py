@@ -12,6 +12,7 @@ not bitwise); tests/test_expert_parallel.py checks the same in float64 to 1e-10.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,10 @@ import torch
 from conftest import make_tiny_config, run_gloo_workers
 from PIL import Image
 
+import racedit.training.loop as loop_mod
 from racedit.checkpoint import load_weights, verify_checkpoint
 from racedit.config import ConfigError
+from racedit.models.compiling import compile_model
 from racedit.training.loop import train
 
 RACE = ["model.moe_experts=4", "model.moe_k=1", "model.routing=expert_race", "model.race_scope=global",
@@ -55,6 +58,9 @@ JOBS = {
     # per token, so the same pairs however the batch is split)
     "ddp2_accum": (2, ["train.grad_accum=2", "model.routing=token_choice"], None),
     "ep2_accum": (2, ["train.grad_accum=2", "model.routing=token_choice", "model.expert_parallel=2"], None),
+    # torch.compile (traced with aot_eager to keep the suite fast): the whole model under DDP, per block under FSDP
+    "ep2_compile": (2, ["model.expert_parallel=2", "train.compile=true"], None),
+    "ep2_fsdp_compile": (2, ["model.expert_parallel=2", "train.compile=true", *FSDP], None),
 }
 
 
@@ -67,6 +73,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: the parent's accelerate state is not ours
+    loop_mod.compile_model = functools.partial(compile_model, backend="aot_eager")  # this child's copy only
     run = Path(out_dir)
     _, overrides, source = JOBS[run.name]
     train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])))
@@ -94,7 +101,7 @@ def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")
 
 
-@pytest.mark.parametrize("run", ["ep2", "ep2_fsdp", "ep4", "dp2_ep2_fsdp"])
+@pytest.mark.parametrize("run", ["ep2", "ep2_fsdp", "ep4", "dp2_ep2_fsdp", "ep2_compile", "ep2_fsdp_compile"])
 def test_expert_parallel_trains_as_one_process(runs, run):
     one = losses(runs / "one")
     assert len(one) == 6
