@@ -18,7 +18,7 @@ Expert weights: bytes of every MoE layer's w1, b1, w2, b2 after `shard_experts`,
 (also counted at RaceDiT-XL/2-4in32 size, on the meta device).
 
 Letters (docs/method/README.md): B images per process, L tokens per image, N = B*L tokens, D width, E experts,
-k experts per token on average, h expert hidden, n processes of the expert group, n_sel routed (token, expert)
+k experts per token on average, h expert hidden, n (n_ep in the package) processes of the expert group, n_sel routed (token, expert)
 rows of a process, b bytes per exchanged value (float32 4, bfloat16 2).
 """
 

@@ -80,3 +80,35 @@ def run_gloo_workers(worker, out_dir: str | Path, world: int = 2, timeout: float
                 process.kill()
             pytest.fail(f"the {world} gloo workers did not finish within {timeout:.0f} s")
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def launched_as(rank: int, world: int, port: int) -> None:
+    """In a forked worker: the environment a launcher gives process `rank` of `world` (none for one process:
+    a plain `racedit train`), one thread, and accelerate's state reset (the parent's is not this process's)."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
+                          OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def logged_losses(run_dir) -> list[float]:
+    """The loss column of a run's metrics.csv (one row per logged step)."""
+    import csv
+
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
+    """The model and EMA weights of two checkpoints agree (the tolerance the multi-process tests use)."""
+    from racedit.checkpoint import load_weights
+
+    for which in ("model", "ema"):
+        a, b = load_weights(ckpt_a, which), load_weights(ckpt_b, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")

@@ -11,16 +11,15 @@ not bitwise); tests/test_expert_parallel.py checks the same in float64 to 1e-10.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_config, run_gloo_workers
+from conftest import assert_close_weights, launched_as, make_tiny_config, run_gloo_workers
+from conftest import logged_losses as losses
 from PIL import Image
 
 import racedit.training.loop as loop_mod
@@ -54,6 +53,11 @@ JOBS = {
     "ep4_as_2x2": (4, ["model.expert_parallel=2"], ("ep4", STEP)),  # another expert-parallel size
     "ep2_fsdp_on_1": (1, [], ("ep2_fsdp", STEP)),
     "one_as_ep2": (2, ["model.expert_parallel=2"], ("one", STEP)),  # a one-process checkpoint, expert-parallel
+    # FSDP without expert parallelism (its experts in 1-D FSDP shards) and a one-process checkpoint, resumed as
+    # expert-parallel FSDP: the shards become expert shards; the whole optimizer state is cut to each process's
+    "fsdp2": (2, FSDP, None),
+    "fsdp2_as_ep2_fsdp": (2, ["model.expert_parallel=2", *FSDP], ("fsdp2", STEP)),
+    "one_as_ep2_fsdp": (2, ["model.expert_parallel=2", *FSDP], ("one", STEP)),
     # accumulated micro-batches: the expert gradients are reduced once, at the last (token choice: a selection
     # per token, so the same pairs however the batch is split)
     "ddp2_accum": (2, ["train.grad_accum=2", "model.routing=token_choice"], None),
@@ -65,14 +69,7 @@ JOBS = {
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    if world > 1:  # what a launcher puts in the environment; one process is a plain `racedit train`
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-                          OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: the parent's accelerate state is not ours
+    launched_as(rank, world, port)
     loop_mod.compile_model = functools.partial(compile_model, backend="aot_eager")  # this child's copy only
     run = Path(out_dir)
     _, overrides, source = JOBS[run.name]
@@ -86,19 +83,6 @@ def runs(tmp_path_factory):
     for name, (world, _, _) in JOBS.items():  # in order: a resumed run after the run it resumes
         run_gloo_workers(worker, root / name, world=world, timeout=300)
     return root
-
-
-def losses(run_dir) -> list[float]:
-    with open(run_dir / "metrics.csv") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
-
-
-def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
-    for which in ("model", "ema"):
-        a, b = load_weights(ckpt_a, which), load_weights(ckpt_b, which)
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")
 
 
 @pytest.mark.parametrize("run", ["ep2", "ep2_fsdp", "ep4", "dp2_ep2_fsdp", "ep2_compile", "ep2_fsdp_compile"])
@@ -142,7 +126,8 @@ def test_sample_grids_gathered_from_the_expert_shards(runs, run):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("resumed", ["ep2_on_1", "ep4_as_2x2", "ep2_fsdp_on_1", "one_as_ep2"])
+@pytest.mark.parametrize("resumed", ["ep2_on_1", "ep4_as_2x2", "ep2_fsdp_on_1", "one_as_ep2", "fsdp2_as_ep2_fsdp",
+                                     "one_as_ep2_fsdp"])
 def test_resume_with_another_expert_parallel_size(runs, resumed):
     source = JOBS[resumed][2][0]
     uninterrupted, continued = losses(runs / source), losses(runs / resumed)

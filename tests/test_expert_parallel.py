@@ -11,8 +11,8 @@ Checked per case, against the reference:
 (a) each process's forward output equals the reference's rows;
 (b) every gradient: the non-expert ones averaged over all processes by an all_reduce in the worker (what DDP
     does, written independently of racedit), the expert ones after `reduce_expert_gradients`, equal to the
-    reference's slice of this process's experts. Each process's loss is sum(its rows' losses) / (all rows) * W,
-    so that the average over the W processes is the whole batch's mean loss, also with unequal batches;
+    reference's slice of this process's experts. Each process's loss is sum(its rows' losses) / (all rows) * n_proc,
+    so that the average over the n_proc processes is the whole batch's mean loss, also with unequal batches;
 (c) the parameters after three AdamW steps with `expert_sharding.clip_grad_norm_` (max norm small enough to clip)
     equal the reference's after `torch.nn.utils.clip_grad_norm_`, and so do the norms.
 
@@ -26,7 +26,7 @@ read what every process saved. Tolerance: 1e-10 (float64). Measured: outputs wit
 norms 9e-15, parameters after the three steps 3e-13 (every step clips: norms 1.2 to 3.2, max norm 0.05).
 
 Letters (docs/method/README.md): B images per process, L tokens per image, N tokens, E experts, k experts per
-token on average, n processes of an expert group, W processes.
+token on average, n (n_ep) processes of an expert group, n_proc processes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from racedit.training.expert_sharding import (
     shard_model_experts,
 )
 
-# setup -> (W processes, n per expert group, E, k)
+# setup -> (n_proc processes, n per expert group, E, k)
 SETUPS = {"ep2": (2, 2, 4, 1), "ep4": (4, 4, 8, 2), "dx2": (4, 2, 4, 2)}
 # case -> (routing, race_scope, AdamW steps checked)
 CASES = {
@@ -191,6 +191,26 @@ def run_reference(setup, case, out) -> None:
         out.update({f"{prefix}/param/{name}": p.detach().clone() for name, p in model.named_parameters()})
 
 
+GROUPED_MM_CASES = ("race_global", "no_rows", "unequal")  # float32: CPU's grouped matmul takes no float64
+
+
+def run_kernels(setup, case, rank, layout, out) -> None:
+    """The expert-parallel forward and backward with each CPU kernel, float32 (`expert_rows`' two branches)."""
+    world, n, E, k = SETUPS[setup]
+    routing, scope, _ = CASES[case]
+    sizes = batch_sizes(case, world)
+    rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    x, t, y, target = (v.float() if v.is_floating_point() else v for v in inputs(case, 0, sizes))
+    for kernel in ("grouped_mm", "expert_loop"):
+        model = shard_model_experts(build(E, k, routing, scope, case, n).float(), layout)
+        for layer in moe_layers(model):
+            layer.dispatch_implementation = kernel
+        output = model(x[rows], t[rows], y[rows])
+        row_losses(output, target[rows]).sum().backward()
+        out[f"{setup}/{case}/{kernel}/out"] = output.detach().clone()
+        out.update({f"{setup}/{case}/{kernel}/grad/{name}": g for name, g in grads(model).items()})
+
+
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -205,6 +225,9 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 run_reference(setup, case, out)
             for case in CASES:
                 run_expert_parallel(setup, case, rank, layout, out)
+            if setup == "ep2":
+                for case in GROUPED_MM_CASES:
+                    run_kernels(setup, case, rank, layout, out)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -311,3 +334,19 @@ def test_the_cases_route_as_they_claim(saved, setup):
         assert torch.all(mask.sum(dim=1) == k)
     for mask, scores, tau in zip(layers("eval_threshold", "mask"), layers("eval_threshold", "scores"), TAUS):
         assert torch.equal(mask, scores >= tau) and mask.sum() != mask.shape[0] * k
+
+
+@pytest.mark.parametrize("case", GROUPED_MM_CASES)
+def test_grouped_matmul_kernel_equals_the_expert_loop(saved, case):
+    """The accelerators' kernel (torch's grouped matmul, which CPU runs in float32) in the expert-parallel
+    dispatch, including a process that receives no rows, against the CPU kernel checked above."""
+    ranks, _ = saved["ep2"]
+    for data in ranks:
+        prefix = f"ep2/{case}"
+        names = [key.split("/grad/")[1] for key in data if key.startswith(f"{prefix}/expert_loop/grad/")]
+        assert names
+        torch.testing.assert_close(data[f"{prefix}/grouped_mm/out"], data[f"{prefix}/expert_loop/out"],
+                                   rtol=1e-5, atol=1e-6)
+        for name in names:
+            torch.testing.assert_close(data[f"{prefix}/grouped_mm/grad/{name}"],
+                                       data[f"{prefix}/expert_loop/grad/{name}"], rtol=1e-4, atol=1e-6, msg=name)

@@ -86,6 +86,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         data = bytearray(batch.read_bytes())
         data[len(data) // 2] ^= 0xFF
         batch.write_bytes(bytes(data))
+    state.wait_for_everyone()  # the damage is done before process 1 looks at the batches again
     second = write_samples_npz(loaded, 9, target, scfg, seed=SEED, batch_size=2, progress=False)
     (out / f"rank{rank}.json").write_text(json.dumps({"refused": refused, "first": str(first),
                                                       "second": str(second)}))

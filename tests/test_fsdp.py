@@ -17,15 +17,14 @@ a change of up to lr = 1e-3 (asserted: rtol 1e-4 plus atol 1e-5, what the DDP te
 
 from __future__ import annotations
 
-import csv
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_config, run_gloo_workers
+from conftest import assert_close_weights, launched_as, make_tiny_config, run_gloo_workers
+from conftest import logged_losses as losses
 from PIL import Image
 
 from racedit.checkpoint import CheckpointError, load_weights, save_checkpoint, verify_checkpoint
@@ -65,15 +64,7 @@ SINGLE = {"fsdp_on_1": (FSDP, ("fsdp", STEP)), "fsdp_as_ddp": ([], ("fsdp", STEP
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    if world > 1:  # what a launcher puts in the environment; one process is a plain `racedit train`
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true",
-                          OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState
-
-    # forked: accelerate's state made by earlier tests in the parent would make every worker process 0 of 1
-    AcceleratorState._reset_state(reset_partial_state=True)
+    launched_as(rank, world, port)
     run = Path(out_dir)
     overrides, source = {**JOBS, **SINGLE}[run.name]
     train(config(run, *overrides), resume=source and str(ckpt(run.parent / source[0], source[1])),
@@ -91,19 +82,6 @@ def runs(tmp_path_factory):
     for name in SINGLE:
         run_gloo_workers(worker, root / name, world=1, timeout=300)
     return root
-
-
-def losses(run_dir) -> list[float]:
-    with open(run_dir / "metrics.csv") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
-
-
-def assert_close_weights(ckpt_a, ckpt_b, rtol=1e-4, atol=1e-5) -> None:
-    for which in ("model", "ema"):
-        a, b = load_weights(ckpt_a, which), load_weights(ckpt_b, which)
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"{which}.{k}")
 
 
 def test_fsdp_equals_ddp_over_ten_steps(runs):

@@ -185,9 +185,9 @@ def _sample(sub) -> None:
                    help="npz: stop after this many batches per process (time-limited jobs); re-run to continue")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model as one graph (first batch slower; pays on long jobs)")
-    p.add_argument("--expert-parallel", type=positive_int, default=None, metavar="N",
+    p.add_argument("--expert-parallel", type=positive_int, default=1, metavar="N",
                    help="npz on several processes: split every MoE layer's experts over groups of N processes "
-                        "(default: the checkpoint's model.expert_parallel; 1 = every process holds all experts). "
+                        "(default 1: every process holds all experts, whatever the checkpoint was trained with). "
                         "One process samples the whole model")
     add_no_ema(p)
     add_calibration(p)

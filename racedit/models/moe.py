@@ -228,7 +228,7 @@ class MoEFeedForward(nn.Module):
         # The dispatch kernel (moe_dispatch.IMPLEMENTATIONS); "auto" picks at run time. Not a config key: benchmarks
         # and tests set it to compare kernels.
         self.dispatch_implementation = "auto"
-        # Expert parallelism (`shard_experts`): the process group whose processes hold E/n experts each, or None.
+        # Expert parallelism (`shard_experts`): the process group whose processes hold E/n_ep experts each, or None.
         self.expert_group = None
         self.initialize_weights()
 
@@ -285,14 +285,12 @@ class MoEFeedForward(nn.Module):
             threshold, ready = self.inference_threshold(), None
         # the target head only feeds a loss that reads the record: without one it would be wasted compute
         routing = self.router(u, threshold, predict_target=record is not None, threshold_ready=ready)
-        if self.expert_group is not None:
+        if self.expert_group is not None:  # the experts are spread over the group's processes
             y = dispatch_expert_parallel(u.reshape(B * L, D), routing.mask, routing.scores, self.experts,
                                          self.expert_group, self.dispatch_implementation)
-            if record is not None:
-                record.moe[self.layer_index] = routing
-            return y.view(B, L, D)
-        y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts, self.dispatch_implementation,
-                     num_selected=self.selected_count(B * L, threshold, routing.group))
+        else:
+            y = dispatch(u.reshape(B * L, D), routing.mask, routing.scores, self.experts,
+                         self.dispatch_implementation, num_selected=self.selected_count(B * L, threshold, routing.group))
         if record is not None:
             record.moe[self.layer_index] = routing
         return y.view(B, L, D)
@@ -357,7 +355,7 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 @torch.no_grad()
 def shard_experts(model: nn.Module, group) -> nn.Module:
     """Expert parallelism, in place: every MoE layer of `model` keeps the experts this process holds in the
-    expert group `group` (`expert_slice`: E/n consecutive experts) and dispatches through the group. The
+    expert group `group` (`expert_slice`: E_loc = E/n_ep consecutive experts) and dispatches through the group. The
     weights are slices of the whole model's, so every process must hold the same model first (same seed or
     loaded weights). Returns `model`; a group of one leaves it whole."""
     if group is None or dist.get_world_size(group) == 1:

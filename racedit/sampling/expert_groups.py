@@ -1,14 +1,16 @@
-"""Expert-parallel sampling: the P processes of a sampling job split every MoE layer's experts in expert groups
-of n (`model.expert_parallel` of the checkpoint, or `racedit sample --expert-parallel N`), as training does.
+"""Expert-parallel sampling: the n_proc processes of a sampling job split every MoE layer's experts in expert
+groups of n_ep (`racedit sample --expert-parallel N`, or `load_for_sampling(expert_parallel=...)`), as training does.
 
-Layout: a (data, expert) grid of shape (P/n, n): processes r*n .. r*n+n-1 form one expert group and hold E/n
-experts each of every MoE layer (`racedit.models.moe.shard_experts` of the whole loaded model); the P/n groups
-sample different batches, as data-parallel processes do. One process, or n = 1, samples the whole model.
+Layout: a (data, expert) grid of shape (n_proc/n_ep, n_ep): processes g*n_ep .. (g+1)*n_ep - 1 form expert group g
+and hold E_loc = E/n_ep experts each of every MoE layer (`racedit.models.moe.shard_experts` of the whole loaded
+model); the n_proc/n_ep groups sample different batches, as data-parallel processes do. One process, or n_ep = 1,
+samples the whole model.
 
 Lockstep: each MoE forward is a collective of the expert group, so its processes run the same forwards. Each
 round every process samples its next batch or, with none left, the forwards of a batch whose images are dropped
 (`idle_forwards`); the group agrees each round (`group_agrees`) whether any of its processes has a batch left
-and whether one must stop (a signal). Sample i still depends only on (seed, i) and the per-process batch.
+and whether one must stop (a signal). Sample i depends only on (seed, i) and the per-process batch, up to the
+last bits of the expert matmuls, which run on rows gathered from the group (CPU: bit for bit, as tested).
 """
 
 from __future__ import annotations

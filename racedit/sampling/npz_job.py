@@ -330,6 +330,7 @@ def _run_job(loaded: LoadedCheckpoint, out: Path, parts: Path, labels: torch.Ten
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
     missing = [b for b in range(num_batches) if not _batch_file(parts, b).exists()]
+    state.wait_for_everyone()  # every process has looked before the main process drops a damaged batch below
     if made:
         say(f"sampled {made} images on the main process in {seconds:.1f}s "
             f"({made / max(seconds, 1e-9):.2f} img/s per process, {world} process{'es' if world > 1 else ''})")

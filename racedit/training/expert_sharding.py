@@ -89,7 +89,7 @@ def ignore_experts_in_ddp(model: torch.nn.Module) -> None:
 def reduce_expert_gradients(model: torch.nn.Module, layout: ExpertLayout) -> None:
     """Each expert gradient <- (sum over the data-parallel replicas of its shard) / n_proc, in one all_reduce over the
     data dimension (see the module doc); a missing gradient counts as zero, so every process calls the same."""
-    params = list(expert_parameters(model).values())
+    params = [p for p in expert_parameters(model).values() if p.requires_grad]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -135,6 +135,8 @@ def consolidated_state(module: torch.nn.Module, state: dict, layout: ExpertLayou
         return state
     state = dict(state)
     group, n = layout.expert_group, layout.size
+    if 0 not in dist.get_process_group_ranks(group):  # every expert group holds all experts: the main one gathers
+        return state
     for name, p in expert_parameters(module).items():
         shard = local(p).detach().contiguous()
         parts = [torch.empty_like(shard) for _ in range(n)]
