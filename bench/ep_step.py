@@ -54,16 +54,22 @@ class Step:
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def __call__(self) -> float:
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        record = ForwardRecord()
-        with amp:
-            out = self.model(self.x, self.t, self.y, record=record)
-            loss = F.mse_loss(out[:, : self.x.shape[1]].float(), self.target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_thresholds(self.model, [record.kth_scores()])
-        return loss.item()
+        return train_step(self.model, self.optimizer, self.x, self.t, self.y, self.target, self.bf16).item()
+
+
+def train_step(model, optimizer, x, t, y, target, bf16: bool) -> torch.Tensor:
+    """One benchmarked training step: forward (bf16 autocast or not), MSE on the first C output channels,
+    backward, AdamW, the inference thresholds' update as training makes it; returns the loss."""
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    record = ForwardRecord()
+    with amp:
+        out = model(x, t, y, record=record)
+        loss = F.mse_loss(out[:, : x.shape[1]].float(), target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_thresholds(model, [record.kth_scores()])
+    return loss
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, spec: dict) -> None:

@@ -31,11 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,7 +41,7 @@ import ep_step  # noqa: E402  (bench/, beside this file)
 
 from racedit.models import count_params, create_model  # noqa: E402
 from racedit.models.compiling import compile_model  # noqa: E402
-from racedit.models.moe import MoEFeedForward, update_thresholds  # noqa: E402
+from racedit.models.moe import MoEFeedForward  # noqa: E402
 from racedit.models.records import ForwardRecord  # noqa: E402
 
 CPU_MODELS = ("DiT-S/2", "RaceDiT-S/2-2in8", "RaceDiT-S/2-4in32")
@@ -102,15 +100,7 @@ class TrainStep:
         self.target = torch.randn_like(self.x)
 
     def __call__(self) -> None:
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        record = ForwardRecord()
-        with amp:
-            out = self.model(self.x, self.t, self.y, record=record)
-            loss = F.mse_loss(out[:, : self.x.shape[1]].float(), self.target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_thresholds(self.model, [record.kth_scores()])  # the inference thresholds, as training does
+        ep_step.train_step(self.model, self.optimizer, self.x, self.t, self.y, self.target, self.bf16)
 
 
 def sync(device: torch.device) -> None:

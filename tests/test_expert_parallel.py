@@ -37,11 +37,11 @@ import torch.distributed as dist
 from conftest import run_gloo_workers
 
 from racedit.models import create_model
+from racedit.models.expert_parallel import expert_layout
 from racedit.models.moe import local_selection, moe_layers
 from racedit.models.records import ForwardRecord
 from racedit.training.expert_sharding import (
     clip_grad_norm_,
-    expert_layout,
     expert_parameters,
     reduce_expert_gradients,
     shard_model_experts,

@@ -30,19 +30,20 @@ E/n_ep experts per process, n_sel selected pairs of this process, n_recv rows th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from racedit.models.global_select import world_size
 from racedit.models.moe_dispatch import _pairs, compute_dtype, expert_rows, resolve_implementation
 
 
-def group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
-
-
 def _exchange(rows: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, group_name: str) -> torch.Tensor:
-    """rows (sum send, D) -> (sum recv, D): rows[...] for process j go to j; a host read of the split sizes."""
+    """rows (sum send, D) -> (sum recv, D): rows[...] for process j go to j. send and recv are on the CPU
+    (`dispatch_expert_parallel` copies them there once per forward: all_to_all_single takes host split sizes)."""
     group = _resolve_process_group(group_name)
     send_sizes, recv_sizes = send.tolist(), recv.tolist()
     out = rows.new_empty(sum(recv_sizes), *rows.shape[1:])
@@ -98,22 +99,18 @@ all_to_all_rows.register_autograd(_backward, setup_context=_setup)
 all_to_all_rows_sized.register_autograd(_backward_sized, setup_context=_setup)
 
 
-def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+@torch.library.custom_op("racedit::exchange_counts", mutates_args=())
+def exchange_counts(counts: torch.Tensor, group_name: str) -> torch.Tensor:
     """counts (E,) of this process's pairs per expert -> (n_ep, E_loc): row j, the pairs process j sends to each of
-    this process's experts (one `all_to_all_single` of E integers; no gradient)."""
-    n = group_size(group)
+    this process's experts (one `all_to_all_single` of E integers; no gradient). A custom op, so the collective
+    stays out of a compiled graph."""
+    group = _resolve_process_group(group_name)
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)
-    return received.view(n, counts.shape[0] // n)
+    return received.view(world_size(group), -1)
 
 
-@torch.library.custom_op("racedit::exchange_counts", mutates_args=())
-def exchange_counts_op(counts: torch.Tensor, group_name: str) -> torch.Tensor:
-    """`exchange_counts` as a custom op (the collective stays out of a compiled graph)."""
-    return exchange_counts(counts, _resolve_process_group(group_name)).clone()
-
-
-@exchange_counts_op.register_fake
+@exchange_counts.register_fake
 def _(counts, group_name):
     n = dist.get_world_size(_resolve_process_group(group_name))
     return counts.new_empty(n, counts.shape[0] // n)
@@ -129,9 +126,7 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
     """
     N, D = x.shape
     E = mask.shape[1]
-    n = group_size(group)
-    if E % n:
-        raise ValueError(f"{E} experts cannot be split over {n} processes")
+    n = world_size(group)
     E_l = E // n
     if experts.w1.shape[0] != E_l:
         raise ValueError(f"this process holds {experts.w1.shape[0]} experts, not E/n_ep = {E_l}: call shard_experts")
@@ -142,9 +137,9 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
     expert_index, token_index = _pairs(mask, None)  # expert-major, so also sorted by destination process
     weights = scores.reshape(-1).index_select(0, token_index * E + expert_index).to(dtype)
     counts = mask.sum(dim=0)  # (E,)
-    send = counts.view(n, E_l).sum(dim=1)
-    received_counts = exchange_counts_op(counts, name)  # (n_ep, E_loc)
-    recv = received_counts.sum(dim=1)
+    received_counts = exchange_counts(counts, name)  # (n_ep, E_loc)
+    # the split sizes of all four exchanges (two here, their inverses in the backward), on the host once
+    send, recv = torch.stack([counts.view(n, E_l).sum(dim=1), received_counts.sum(dim=1)]).cpu()
     rows = all_to_all_rows(x.to(dtype).index_select(0, token_index), send, recv, name)  # (n_recv, D)
     # received in (source process, local expert) order; the experts want them sorted by local expert
     local_expert = torch.repeat_interleave(torch.arange(E_l, device=x.device).repeat(n), received_counts.reshape(-1),
@@ -160,9 +155,40 @@ def dispatch_expert_parallel(x: torch.Tensor, mask: torch.Tensor, scores: torch.
 
 def expert_slice(num_experts: int, group) -> slice:
     """The global expert indices this process holds in an expert group `group` of n_ep processes: E/n_ep in a row."""
-    n = group_size(group)
+    n = world_size(group)
     if num_experts % n:
         raise ValueError(f"model.expert_parallel={n} must divide the number of experts, {num_experts}")
     per = num_experts // n
     rank = dist.get_rank(group) if group is not None else 0
     return slice(rank * per, (rank + 1) * per)
+
+
+@dataclass
+class ExpertLayout:
+    """Where the experts live: a (data, expert) `DeviceMesh` of shape (n_proc/n_ep, n_ep) over all processes:
+    processes g*n_ep .. (g+1)*n_ep - 1 are expert group g, which holds all E experts; the groups are data-parallel
+    replicas of one another. Training and expert-parallel sampling make their groups with it."""
+
+    mesh: DeviceMesh
+    size: int  # n_ep, processes per expert group
+
+    @property
+    def expert_group(self):
+        return self.mesh.get_group("expert")
+
+    @property
+    def data_group(self):
+        return self.mesh.get_group("data")
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+
+def expert_layout(device: torch.device, size: int) -> ExpertLayout | None:
+    """The layout for `size` processes per expert group over all processes (None for size 1: no expert
+    parallelism). Collective; needs the process group, and `size` dividing the number of processes."""
+    if size == 1:
+        return None
+    world = dist.get_world_size()
+    return ExpertLayout(init_device_mesh(device.type, (world // size, size), mesh_dim_names=("data", "expert")), size)

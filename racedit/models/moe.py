@@ -358,7 +358,7 @@ def shard_experts(model: nn.Module, group) -> nn.Module:
     expert group `group` (`expert_slice`: E_loc = E/n_ep consecutive experts) and dispatches through the group. The
     weights are slices of the whole model's, so every process must hold the same model first (same seed or
     loaded weights). Returns `model`; a group of one leaves it whole."""
-    if group is None or dist.get_world_size(group) == 1:
+    if world_size(group) == 1:
         return model
     for layer in moe_layers(model):
         experts = layer.experts

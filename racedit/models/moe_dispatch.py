@@ -149,13 +149,13 @@ def dispatch_static(x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, e
     expert_index, token_index = _pairs(mask, num_selected)
     weights = scores.reshape(-1).index_select(0, token_index * E + expert_index).to(dtype)
     counts = mask.sum(dim=0)  # (E,) on the device
-    ends = counts.cumsum(0)
     w1, b1, w2, b2 = (p.to(dtype) for p in (experts.w1, experts.b1, experts.w2, experts.b2))
     rows = x.to(dtype).index_select(0, token_index)
     if implementation == "grouped_mm":
         y = expert_rows(rows, expert_index, counts, w1, b1, w2, b2, "grouped_mm")
     else:
         # Each pair's slot in its expert's block: its rank in the expert-sorted list minus the expert's start.
+        ends = counts.cumsum(0)
         slot = torch.arange(token_index.shape[0], device=x.device) - (ends - counts).index_select(0, expert_index)
         padded = rows.new_zeros(E, N, D).index_put((expert_index, slot), rows)
         hid = torch.baddbmm(b1.unsqueeze(1), padded, w1)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from racedit.limits import ConfigError
+from racedit.models.expert_parallel import expert_layout
 from racedit.models.moe import moe_layers
 
 
@@ -39,8 +40,7 @@ def sampling_expert_group(model: torch.nn.Module, size: int, flag: str = "model.
     if world % size:
         raise ConfigError(f"bad value for {flag}: {size} does not divide the {world} sampling processes; use a "
                           f"divisor of {world}, or 1 (every process holds all experts)")
-    group, _ = dist.new_subgroups_by_enumeration([list(range(r, r + size)) for r in range(0, world, size)])
-    return group
+    return expert_layout(next(model.parameters()).device, size).expert_group  # the groups training makes
 
 
 def expert_group_of(model: torch.nn.Module):

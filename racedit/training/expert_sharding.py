@@ -1,10 +1,10 @@
-"""Expert parallelism in training (`model.expert_parallel=n`): the mesh, the expert gradients, the norm, the state.
+"""Expert parallelism in training (`model.expert_parallel=n_ep`): the expert gradients, the norm, the state.
 
-The n_proc processes form a 2-D `DeviceMesh` (data, expert) of shape (n_proc/n_ep, n_ep): processes
-d*n_ep .. (d+1)*n_ep - 1 are one expert group, which together holds all E experts of every MoE layer (E_loc each,
-`racedit.models.moe.shard_experts`); the n_proc/n_ep expert groups are data-parallel replicas of one another. Everything but the experts is replicated
-(DDP) or sharded over all n_proc processes (FSDP) as without expert parallelism; the expert weights are left out
-of both (`expert_parameters`), because their processes hold different experts.
+The processes are laid out by `racedit.models.expert_parallel.expert_layout`: expert groups of n_ep consecutive
+processes, each holding all E experts of every MoE layer (E_loc each, `racedit.models.moe.shard_experts`), and
+n_proc/n_ep such groups, data-parallel replicas of one another. Everything but the experts is replicated (DDP)
+or sharded over all n_proc processes (FSDP) as without expert parallelism; the expert weights are left out of
+both (`expert_parameters`), because their processes hold different experts.
 
 Gradients. Each process's loss is the mean over its own batch, and DDP and FSDP average the gradients over the
 n_proc processes, so the step follows the whole batch's mean loss. An expert's gradient on its process already sums
@@ -15,7 +15,7 @@ the data dimension. The gradient norm for clipping counts every expert once (`cl
 State. Checkpoints hold every expert: the consolidated safetensors gather each expert group's shards
 (`consolidated_state`), and the DCP shards describe each process's experts as a DTensor (Shard(0) over the
 expert dimension, replicated over the data dimension; `to_checkpoint` / `from_checkpoint`), so DCP reshards
-them for a resume with another n, with or without FSDP, on any number of processes.
+them for a resume with another n_ep, with or without FSDP, on any number of processes.
 
 Letters (docs/method/README.md): n_proc processes, n_ep processes per expert group, E experts, E_loc = E/n_ep.
 """
@@ -24,46 +24,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from racedit.models.expert_parallel import ExpertLayout, expert_slice
 from racedit.models.moe import moe_layers, shard_experts
 from racedit.training.sharding import full, local
-
-EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
-
-
-@dataclass
-class ExpertLayout:
-    """Where the experts live: the (data, expert) mesh and its two kinds of process groups."""
-
-    mesh: DeviceMesh
-    size: int  # n_ep, processes per expert group
-
-    @property
-    def expert_group(self):
-        return self.mesh.get_group("expert")
-
-    @property
-    def data_group(self):
-        return self.mesh.get_group("data")
-
-    @property
-    def world(self) -> int:
-        return self.mesh.size()
-
-
-def expert_layout(device: torch.device, size: int) -> ExpertLayout | None:
-    """The mesh for `size` processes per expert group over all processes (None for size 1: no expert parallelism).
-    Needs the process group; the config checks made sure `size` divides the number of processes."""
-    if size == 1:
-        return None
-    world = dist.get_world_size()
-    return ExpertLayout(init_device_mesh(device.type, (world // size, size), mesh_dim_names=("data", "expert")), size)
 
 
 def shard_model_experts(model: torch.nn.Module, layout: ExpertLayout | None) -> torch.nn.Module:
@@ -106,9 +74,10 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, layout: ExpertLayou
     """`torch.nn.utils.clip_grad_norm_` over all of `model`'s gradients, each expert counted once: the norm of the
     replicated or FSDP-sharded gradients, and the sum of squares of the expert gradients over the expert group.
     Returns the total norm before clipping (float32, float64 for float64 gradients; the same on every process)."""
-    experts = {id(p) for p in expert_parameters(model).values()}
-    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
-    expert_grads = [p.grad for p in expert_parameters(model).values() if p.grad is not None]
+    experts = list(expert_parameters(model).values())
+    ids = {id(p) for p in experts}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in ids]
+    expert_grads = [p.grad for p in experts if p.grad is not None]
     device = next(model.parameters()).device
     # at least float32 (bf16 squares would lose the norm), float64 gradients keep theirs: torch's clip does too
     dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads + expert_grads], torch.float32)
@@ -184,13 +153,9 @@ def local_expert_rows(state: dict, module: torch.nn.Module, layout: ExpertLayout
     if layout is None:
         return state
     names = set(expert_parameters(module))
-    rank, n = dist.get_rank(layout.expert_group), layout.size
 
     def cut(t):
-        if not (torch.is_tensor(t) and t.dim()):
-            return t
-        per = t.shape[0] // n
-        return t[rank * per:(rank + 1) * per].clone()
+        return t[expert_slice(t.shape[0], layout.expert_group)].clone() if torch.is_tensor(t) and t.dim() else t
 
     return {k: ({m: cut(t) for m, t in v.items()} if isinstance(v, dict) else cut(v)) if k in names else v
             for k, v in state.items()}

@@ -48,6 +48,7 @@ from racedit.diffusion.draws import StepRandomness
 from racedit.diffusion.objectives import Objective, create_objective
 from racedit.models import count_params, create_model, resolve_model_config
 from racedit.models.compiling import compile_model
+from racedit.models.expert_parallel import expert_layout
 from racedit.models.moe import update_thresholds
 from racedit.models.records import ForwardRecord
 from racedit.models.routing_stats import diagnostics_due, routing_diagnostics, timestep_fraction
@@ -62,7 +63,6 @@ from racedit.training.checkpointing import (
 )
 from racedit.training.expert_sharding import (
     clip_grad_norm_,
-    expert_layout,
     expert_parameters,
     ignore_experts_in_ddp,
     reduce_expert_gradients,
@@ -247,7 +247,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(tc.ema_decay), use_buffers=True)
     ema.requires_grad_(False)
     sharded = tc.distributed == "fsdp"
-    # expert parallelism: a (data, expert) mesh; None without (racedit.training.expert_sharding)
+    # expert parallelism: a (data, expert) mesh; None without (racedit.models.expert_parallel.expert_layout)
     layout = expert_layout(device, cfg.model.expert_parallel)
     n_params = count_params(model)  # of the whole model, before any process keeps a share of it
 
@@ -306,9 +306,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: bool | str | None, sto
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        n = n_params
-        accelerator.print(f"racedit: {cfg.model.name} | params {n['total'] / 1e6:.2f}M total, "
-                          f"{n['activated'] / 1e6:.2f}M activated | {accelerator.num_processes} process(es) on "
+        accelerator.print(f"racedit: {cfg.model.name} | params {n_params['total'] / 1e6:.2f}M total, "
+                          f"{n_params['activated'] / 1e6:.2f}M activated | {accelerator.num_processes} process(es) on "
                           f"{device}{f' | experts over {layout.size} processes' if layout else ''} | "
                           f"{'resuming at step ' + str(start_step) if ckpt else 'fresh run'} -> {out_dir}")
         if changes:
